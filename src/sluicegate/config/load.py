@@ -1,0 +1,167 @@
+"""Load and validate a config: YAML → schema (defaults) → semantic checks.
+
+The file loader, and later the Admin API and the etcd watcher, all call `validate_config`:
+one validation path. Every error names the field (`routes[0].upstream.nodes[1].port: ...`)
+and all errors are reported at once; nothing is applied unless everything is valid.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from sluicegate.config.model import GatewayConfig, RouteConfig, ServiceConfig
+from sluicegate.plugins.base import load_plugins, validate_plugin, validation_errors
+
+
+class ConfigError(Exception):
+    """A config that cannot be applied; `errors` lists `path: reason` lines."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class ValidatedConfig:
+    config: GatewayConfig
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML file into a mapping; errors name the file and the line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}:{where}: invalid YAML: {problem}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping"])
+    return data
+
+
+def load_config_file(path: str | Path) -> ValidatedConfig:
+    return validate_config(read_config_file(path))
+
+
+def validate_config(data: dict[str, Any]) -> ValidatedConfig:
+    """Validate a whole config; raises ConfigError listing every problem."""
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_errors("", exc)) from None
+    errors: list[str] = []
+    warnings: list[str] = []
+    _check_unique_ids(config, errors)
+    _check_plugins(config, errors, warnings)
+    _check_references(config, errors)
+    for index, route in enumerate(config.routes):
+        _check_route_addresses(route, f"routes[{index}]", errors)
+    if errors:
+        raise ConfigError(errors)
+    return ValidatedConfig(config, warnings)
+
+
+def _check_unique_ids(config: GatewayConfig, errors: list[str]) -> None:
+    for kind in ("routes", "services", "upstreams", "global_rules"):
+        seen: dict[str, int] = {}
+        for index, item in enumerate(getattr(config, kind)):
+            if item.id is None:
+                if kind != "routes":
+                    errors.append(f"{kind}[{index}].id: required")
+                continue
+            if item.id in seen:
+                errors.append(f"{kind}[{index}].id: {item.id!r} already used by "
+                              f"{kind}[{seen[item.id]}]")
+            seen[item.id] = index
+    names: dict[str, int] = {}
+    for index, consumer in enumerate(config.consumers):
+        if consumer.username in names:
+            errors.append(f"consumers[{index}].username: {consumer.username!r} already used")
+        names[consumer.username] = index
+
+
+def find_service(config: GatewayConfig, name: str) -> ServiceConfig | None:
+    """A service by id, or else by name (the short form names services)."""
+    for service in config.services:
+        if service.id == name:
+            return service
+    for service in config.services:
+        if service.name == name:
+            return service
+    return None
+
+
+def _check_plugins(config: GatewayConfig, errors: list[str], warnings: list[str]) -> None:
+    registry = load_plugins()
+    for index, entry in enumerate(config.plugins):
+        path = f"plugins[{index}]"
+        _, _, problems = validate_plugin(entry.name, entry.config, f"{path}.config")
+        if problems and problems[0].endswith(")") and "unknown plugin" in problems[0]:
+            problems = [problems[0].replace(f"{path}.config:", f"{path}.name:", 1)]
+        errors += problems
+        if entry.service is not None and find_service(config, entry.service) is None:
+            cls = registry.get(entry.name)
+            if getattr(cls, "service_optional", False):
+                warnings.append(f"{path}.service: no service {entry.service!r} is defined: "
+                                "traffic goes to its original destination")
+            else:
+                errors.append(f"{path}.service: no service with id or name {entry.service!r}")
+    for kind in ("routes", "services", "global_rules"):
+        for index, item in enumerate(getattr(config, kind)):
+            for name, conf in item.plugins.items():
+                _, _, problems = validate_plugin(name, conf, f"{kind}[{index}].plugins.{name}")
+                errors += problems
+    for index, consumer in enumerate(config.consumers):
+        for name, conf in consumer.plugins.items():
+            path = f"consumers[{index}].plugins.{name}"
+            if name in registry and registry[name].consumer_schema is None:
+                errors.append(f"{path}: {name!r} takes no consumer config")
+                continue
+            _, _, problems = validate_plugin(name, conf, path, for_consumer=True)
+            errors += problems
+
+
+def _check_references(config: GatewayConfig, errors: list[str]) -> None:
+    upstream_ids = {u.id for u in config.upstreams}
+    services = {s.id: s for s in config.services}
+    for index, service in enumerate(config.services):
+        if service.upstream_id and service.upstream_id not in upstream_ids:
+            errors.append(f"services[{index}].upstream_id: no upstream {service.upstream_id!r}")
+    for index, route in enumerate(config.routes):
+        path = f"routes[{index}]"
+        if route.upstream_id and route.upstream_id not in upstream_ids:
+            errors.append(f"{path}.upstream_id: no upstream {route.upstream_id!r}")
+        service = services.get(route.service_id) if route.service_id else None
+        if route.service_id and service is None:
+            errors.append(f"{path}.service_id: no service {route.service_id!r}")
+        if not _has_upstream(route, service):
+            errors.append(f"{path}: no upstream (set upstream, upstream_id, or a service_id "
+                          "whose service has one)")
+
+
+def _has_upstream(route: RouteConfig, service: ServiceConfig | None) -> bool:
+    if route.upstream or route.upstream_id:
+        return True
+    return bool(service and (service.upstream or service.upstream_id))
+
+
+def _check_route_addresses(route: RouteConfig, path: str, errors: list[str]) -> None:
+    for index, cidr in enumerate(route.remote_addrs or []):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            errors.append(f"{path}.remote_addrs[{index}]: {cidr!r} is not an IP or CIDR")

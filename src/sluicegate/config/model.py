@@ -1,0 +1,279 @@
+"""The config model: APISIX field names and shapes for what sluicegate supports.
+
+Validation happens once, at load; the data plane reads compiled objects built from these
+models and never touches pydantic on the request path.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+ObjectId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+# lua-resty-expr operators that APISIX route `vars` accept (a leading "!" negates).
+VAR_OPERATORS = ("==", "~=", ">", "<", ">=", "<=", "~~", "~*", "in", "has", "ipmatch")
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+                "PURGE")
+
+
+class Strict(BaseModel):
+    """Unknown fields are errors: a typo must not silently change behaviour."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _coerce_id(value: Any) -> Any:
+    # APISIX ids are strings, but YAML users write `id: 1`.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Timeout(Strict):
+    """Upstream timeouts in seconds (nginx proxy_*_timeout semantics: send and read bound the
+    gap between two successive writes / reads, not the whole transfer)."""
+
+    connect: float = Field(6.0, gt=0, le=3600)
+    send: float = Field(60.0, gt=0, le=3600)
+    read: float = Field(60.0, gt=0, le=3600)
+
+
+class KeepalivePool(Strict):
+    """Idle upstream connections kept per node (APISIX `keepalive_pool`)."""
+
+    size: int = Field(320, ge=0, le=100_000)
+    idle_timeout: float = Field(60.0, ge=0, le=86_400)
+    requests: int = Field(1000, ge=1, le=10_000_000)
+
+
+class UpstreamNodeConfig(Strict):
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(80, ge=1, le=65535)
+    weight: int = Field(1, ge=0, le=100_000)
+    priority: int = 0
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    if text.startswith("["):  # [v6]:port
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = text.rpartition(":")
+        if not host:
+            host, port_text = text, ""
+    if not port_text:
+        return host, 80
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port in node address {text!r}")
+    return host, int(port_text)
+
+
+class UpstreamConfig(Strict):
+    """A set of nodes and how to reach them."""
+
+    id: ObjectId | None = None
+    name: str | None = None
+    desc: str | None = None
+    type: Literal["roundrobin", "chash", "least_conn", "ewma"] = "roundrobin"
+    nodes: list[UpstreamNodeConfig] = Field(min_length=1)
+    hash_on: Literal["vars", "header", "cookie", "consumer", "vars_combinations"] = "vars"
+    key: str | None = None
+    timeout: Timeout = Field(default_factory=Timeout)
+    retries: int | None = Field(None, ge=0, le=100)
+    retry_timeout: float = Field(0, ge=0)
+    pass_host: Literal["pass", "node", "rewrite"] = "pass"
+    upstream_host: str | None = None
+    scheme: Literal["http"] = "http"
+    keepalive_pool: KeepalivePool = Field(default_factory=KeepalivePool)
+
+    _id = field_validator("id", mode="before")(_coerce_id)
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _nodes_from_map(cls, value: Any) -> Any:
+        # APISIX accepts {"host:port": weight} as well as a list of node objects.
+        if isinstance(value, dict):
+            nodes = []
+            for address, weight in value.items():
+                host, port = _split_host_port(str(address))
+                nodes.append({"host": host, "port": port, "weight": weight})
+            return nodes
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> UpstreamConfig:
+        if self.pass_host == "rewrite" and not self.upstream_host:
+            raise ValueError("pass_host 'rewrite' needs upstream_host")
+        if self.type == "chash" and not self.key and self.hash_on != "consumer":
+            raise ValueError("type 'chash' needs key (what to hash on)")
+        if not any(node.weight > 0 for node in self.nodes):
+            raise ValueError("nodes: at least one node needs a weight above 0")
+        return self
+
+
+PluginMap = dict[str, dict[str, Any]]
+
+
+class RouteConfig(Strict):
+    """Matches requests (uri, host, method, vars) and says where they go."""
+
+    id: ObjectId | None = None
+    name: str | None = None
+    desc: str | None = None
+    uri: str | None = None
+    uris: list[str] | None = None
+    host: str | None = None
+    hosts: list[str] | None = None
+    methods: list[Literal[HTTP_METHODS]] | None = None  # type: ignore[valid-type]
+    remote_addrs: list[str] | None = None
+    vars: list[list[Any]] | None = None
+    priority: int = 0
+    plugins: PluginMap = Field(default_factory=dict)
+    plugin_config_id: ObjectId | None = None
+    upstream: UpstreamConfig | None = None
+    upstream_id: ObjectId | None = None
+    service_id: ObjectId | None = None
+    status: Literal[0, 1] = 1
+
+    _ids = field_validator("id", "upstream_id", "service_id", mode="before")(_coerce_id)
+
+    @field_validator("uri", "uris")
+    @classmethod
+    def _uri_shape(cls, value: Any) -> Any:
+        for uri in [value] if isinstance(value, str) else value or []:
+            if not uri.startswith("/"):
+                raise ValueError(f"uri {uri!r} must start with '/'")
+            if "*" in uri[:-1]:
+                raise ValueError(f"uri {uri!r}: '*' is only allowed at the end (prefix match)")
+        return value
+
+    @field_validator("vars")
+    @classmethod
+    def _vars_shape(cls, value: list[list[Any]] | None) -> list[list[Any]] | None:
+        for index, expr in enumerate(value or []):
+            if len(expr) == 2:
+                expr = [expr[0], "==", expr[1]]
+                value[index] = expr  # type: ignore[index]
+            if len(expr) != 3 or not isinstance(expr[0], str):
+                raise ValueError(f"vars[{index}]: expected [var, operator, value]")
+            operator = expr[1].lstrip("!") if isinstance(expr[1], str) else None
+            if operator not in VAR_OPERATORS:
+                raise ValueError(f"vars[{index}]: unknown operator {expr[1]!r}")
+            if operator in ("~~", "~*"):
+                try:
+                    re.compile(str(expr[2]))
+                except re.error as exc:
+                    raise ValueError(f"vars[{index}]: bad regex {expr[2]!r}: {exc}") from None
+            if operator == "in" and not isinstance(expr[2], list):
+                raise ValueError(f"vars[{index}]: 'in' needs a list")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> RouteConfig:
+        if not self.uri and not self.uris:
+            raise ValueError("a route needs uri or uris")
+        if self.uri and self.uris:
+            raise ValueError("use uri or uris, not both")
+        if self.host and self.hosts:
+            raise ValueError("use host or hosts, not both")
+        if self.upstream and self.upstream_id:
+            raise ValueError("use upstream or upstream_id, not both")
+        return self
+
+
+class ServiceConfig(Strict):
+    """Plugins and an upstream shared by several routes."""
+
+    id: ObjectId | None = None
+    name: str | None = None
+    desc: str | None = None
+    hosts: list[str] | None = None
+    plugins: PluginMap = Field(default_factory=dict)
+    upstream: UpstreamConfig | None = None
+    upstream_id: ObjectId | None = None
+
+    _ids = field_validator("id", "upstream_id", mode="before")(_coerce_id)
+
+
+class ConsumerConfig(Strict):
+    """Someone who calls the API; auth plugins map credentials to a consumer."""
+
+    username: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_\-]+$")
+    desc: str | None = None
+    plugins: PluginMap = Field(default_factory=dict)
+
+
+class GlobalRuleConfig(Strict):
+    """Plugins that run for every request, before route plugins."""
+
+    id: ObjectId | None = None
+    plugins: PluginMap = Field(default_factory=dict)
+
+    _id = field_validator("id", mode="before")(_coerce_id)
+
+
+class PluginEntry(Strict):
+    """The short form: `plugins: [{name, service?, config}]` at the top of the file."""
+
+    name: str = Field(min_length=1)
+    service: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class GatewaySettings(Strict):
+    """Where sluicegate listens and how it runs."""
+
+    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:9080"], min_length=1)
+    metrics_listen: str = "127.0.0.1:9091"
+    workers: int = Field(1, ge=1, le=256)
+    drain_timeout: float = Field(10.0, ge=0, le=3600)
+    client_header_timeout: float = Field(60.0, gt=0, le=3600)
+    keepalive_timeout: float = Field(60.0, ge=0, le=86_400)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_shape(cls, value: list[str]) -> list[str]:
+        for address in value:
+            parse_listen(address)
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_shape(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `port` → (host, port); raises ValueError with the reason."""
+    text = str(address).strip()
+    if text.isdigit():
+        host, port_text = "0.0.0.0", text
+    elif text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:]
+    else:
+        host, _, port_text = text.rpartition(":")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{address!r}: expected host:port")
+    return host or "0.0.0.0", int(port_text)
+
+
+class GatewayConfig(Strict):
+    """The whole config file. Both forms (short `plugins:` list and full resources) load
+    into this one model."""
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    plugins: list[PluginEntry] = Field(default_factory=list)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    services: list[ServiceConfig] = Field(default_factory=list)
+    upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    consumers: list[ConsumerConfig] = Field(default_factory=list)
+    global_rules: list[GlobalRuleConfig] = Field(default_factory=list)

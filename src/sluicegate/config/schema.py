@@ -1,0 +1,38 @@
+"""JSON Schema of the config file, for editors (`sluicegate schema`).
+
+Plugin maps (`plugins:` of routes, services, global rules) list every known plugin with its
+own schema, so an editor completes and checks plugin options too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sluicegate.config.model import GatewayConfig
+from sluicegate.plugins.base import PluginMeta, load_plugins
+
+
+def config_json_schema() -> dict[str, Any]:
+    schema = GatewayConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "sluicegate config"
+    registry = load_plugins()
+    definitions = schema.setdefault("$defs", {})
+    plugin_properties: dict[str, Any] = {}
+    for name, cls in sorted(registry.items()):
+        plugin_schema = cls.schema.model_json_schema(ref_template="#/$defs/{model}")
+        for key, value in plugin_schema.pop("$defs", {}).items():
+            definitions.setdefault(key, value)
+        plugin_schema.setdefault("properties", {})["_meta"] = {"$ref": "#/$defs/PluginMeta"}
+        plugin_schema["description"] = (cls.__doc__ or "").strip().split("\n")[0] or \
+            plugin_schema.get("description", "")
+        definitions[f"plugin-{name}"] = plugin_schema
+        plugin_properties[name] = {"$ref": f"#/$defs/plugin-{name}"}
+    definitions["PluginMeta"] = PluginMeta.model_json_schema()
+    plugin_map = {"type": "object", "properties": plugin_properties,
+                  "additionalProperties": False}
+    for model in ("RouteConfig", "ServiceConfig", "GlobalRuleConfig"):
+        definitions[model]["properties"]["plugins"] = plugin_map
+    entry = definitions["PluginEntry"]
+    entry["properties"]["name"]["enum"] = sorted(registry)
+    return schema

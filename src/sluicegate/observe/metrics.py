@@ -1,0 +1,163 @@
+"""Request metrics: plain counters on the hot path, Prometheus families at scrape time.
+
+Each worker counts into its own `MetricsStore` (dict increments, ~1 µs a request);
+`/metrics` merges the snapshots of all workers, so the exposition reports the sum.
+prometheus_client renders the text format from families built at scrape time.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+# Seconds; APISIX's default buckets (in ms) 1..60000, rescaled, plus sub-millisecond ones
+# because a local proxy answers in well under 1 ms.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+                   5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    __slots__ = ("buckets", "count", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.count += 1
+        self.total += value
+
+
+class MetricsStore:
+    """Counters of one worker. Keys are label tuples; values plain numbers."""
+
+    def __init__(self) -> None:
+        # (code, route, service, consumer, node) -> count
+        self.requests: dict[tuple[str, str, str, str, str], int] = {}
+        # (type, route, service, consumer, node) -> Histogram
+        self.latency: dict[tuple[str, str, str, str, str], Histogram] = {}
+        # (type, route, service, consumer, node) -> bytes
+        self.bandwidth: dict[tuple[str, str, str, str, str], int] = {}
+        # (node, code) -> count of upstream responses
+        self.upstream_status: dict[tuple[str, str], int] = {}
+        self.gauges: dict[str, float] = {}
+
+    def record(self, code: int, route: str, service: str, consumer: str, node: str,
+               latency: float, upstream_latency: float, upstream_status: int,
+               bytes_in: int, bytes_out: int) -> None:
+        key = (str(code), route, service, consumer, node)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        labels = (route, service, consumer, node)
+        self._observe(("request", *labels), latency)
+        if upstream_status:
+            self._observe(("upstream", *labels), upstream_latency)
+            status_key = (node, str(upstream_status))
+            self.upstream_status[status_key] = self.upstream_status.get(status_key, 0) + 1
+        bandwidth = self.bandwidth
+        ingress = ("ingress", *labels)
+        egress = ("egress", *labels)
+        bandwidth[ingress] = bandwidth.get(ingress, 0) + bytes_in
+        bandwidth[egress] = bandwidth.get(egress, 0) + bytes_out
+
+    def _observe(self, key: tuple[str, str, str, str, str], value: float) -> None:
+        histogram = self.latency.get(key)
+        if histogram is None:
+            histogram = self.latency[key] = Histogram()
+        histogram.observe(value)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A picklable copy for the process that serves /metrics."""
+        return {
+            "requests": dict(self.requests),
+            "latency": {k: (list(h.buckets), h.count, h.total) for k, h in self.latency.items()},
+            "bandwidth": dict(self.bandwidth),
+            "upstream_status": dict(self.upstream_status),
+            "gauges": dict(self.gauges),
+        }
+
+
+def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"requests": {}, "latency": {}, "bandwidth": {},
+                              "upstream_status": {}, "gauges": {}}
+    for snap in snapshots:
+        for name in ("requests", "bandwidth", "upstream_status", "gauges"):
+            target = merged[name]
+            for key, value in snap[name].items():
+                target[key] = target.get(key, 0) + value
+        latency = merged["latency"]
+        for key, (buckets, count, total) in snap["latency"].items():
+            if key in latency:
+                old_buckets, old_count, old_total = latency[key]
+                latency[key] = ([a + b for a, b in zip(old_buckets, buckets, strict=True)],
+                                old_count + count, old_total + total)
+            else:
+                latency[key] = (list(buckets), count, total)
+    return merged
+
+
+GAUGE_HELP = {
+    "http_connections": "Client connections open now",
+    "upstream_idle_connections": "Idle keep-alive connections to upstreams",
+    "workers": "Worker processes serving traffic",
+    "config_version": "Version of the config snapshot being served (reloads count up)",
+}
+
+
+class SnapshotCollector(Collector):
+    """Turns a merged snapshot into Prometheus metric families at scrape time."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source  # () -> merged snapshot
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.source()
+        labels = ["route", "service", "consumer", "node"]
+        requests = CounterMetricFamily("sluicegate_http_requests",
+                                       "HTTP requests by route and response status",
+                                       labels=["code", *labels])
+        for key, value in sorted(snap["requests"].items()):
+            requests.add_metric(list(key), value)
+        yield requests
+        latency = HistogramMetricFamily(
+            "sluicegate_http_latency_seconds",
+            "Request latency (type=request: whole request in the gateway; "
+            "type=upstream: until the upstream response head)", labels=["type", *labels])
+        for key, (buckets, count, total) in sorted(snap["latency"].items()):
+            cumulative, running = [], 0
+            for bound, bucket_count in zip((*LATENCY_BUCKETS, float("inf")), buckets,
+                                           strict=True):
+                running += bucket_count
+                cumulative.append((_bound_label(bound), running))
+            latency.add_metric(list(key), cumulative, total)
+        yield latency
+        bandwidth = CounterMetricFamily("sluicegate_bandwidth_bytes",
+                                        "Bytes received from clients (ingress) and sent to them "
+                                        "(egress), bodies only", labels=["type", *labels])
+        for key, value in sorted(snap["bandwidth"].items()):
+            bandwidth.add_metric(list(key), value)
+        yield bandwidth
+        upstream = CounterMetricFamily("sluicegate_upstream_responses",
+                                       "Responses received from upstream nodes by status",
+                                       labels=["node", "code"])
+        for key, value in sorted(snap["upstream_status"].items()):
+            upstream.add_metric(list(key), value)
+        yield upstream
+        for name, value in sorted(snap["gauges"].items()):
+            gauge = GaugeMetricFamily(f"sluicegate_{name}", GAUGE_HELP.get(name, name))
+            gauge.add_metric([], value)
+            yield gauge
+
+
+def _bound_label(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)

@@ -1,0 +1,136 @@
+"""`--workers N`: N worker processes sharing the listen ports with SO_REUSEPORT.
+
+The supervisor serves `/metrics` (the sum over workers, asked over a socketpair per worker
+at scrape time), forwards SIGHUP, restarts a worker that dies, and on SIGTERM stops all
+workers (each drains) and exits 0 when they all did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from sluicegate.config.load import ValidatedConfig
+from sluicegate.config.model import parse_listen
+from sluicegate.http.snapshot import compile_snapshot
+from sluicegate.observe.exposition import serve_metrics
+from sluicegate.observe.metrics import merge_snapshots
+from sluicegate.plugins.base import PluginEnv
+
+log = logging.getLogger("sluicegate")
+
+SCRAPE_TIMEOUT = 2.0
+# Extra time beyond drain_timeout a worker gets to exit before it is killed.
+STOP_GRACE = 5.0
+
+
+class WorkerHandle:
+    def __init__(self, index: int, process: subprocess.Popen[bytes],
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.index = index
+        self.process = process
+        self.reader = reader
+        self.writer = writer
+        self.lock = asyncio.Lock()
+
+    async def metrics(self) -> dict[str, Any] | None:
+        async with self.lock:
+            try:
+                self.writer.write(b"M")
+                await self.writer.drain()
+                size = struct.unpack("!I", await asyncio.wait_for(
+                    self.reader.readexactly(4), SCRAPE_TIMEOUT))[0]
+                payload = await asyncio.wait_for(self.reader.readexactly(size), SCRAPE_TIMEOUT)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                return None
+        return pickle.loads(payload)  # our own worker, over a private socketpair
+
+
+class Supervisor:
+    def __init__(self, config_path: str | Path, validated: ValidatedConfig, workers: int,
+                 log_level: str = "info") -> None:
+        self.config_path = str(config_path)
+        self.validated = validated
+        self.count = workers
+        self.log_level = log_level
+        self.workers: dict[int, WorkerHandle] = {}
+        self.stopping = False
+        self.restarts = 0
+
+    async def start_worker(self, index: int) -> None:
+        parent, child = socket.socketpair()
+        command = [sys.executable, "-m", "sluicegate", "--log-level", self.log_level, "worker",
+                   "-c", self.config_path, "--index", str(index),
+                   "--control-fd", str(child.fileno())]
+        process = subprocess.Popen(command, pass_fds=[child.fileno()])
+        child.close()
+        reader, writer = await asyncio.open_connection(sock=parent)
+        self.workers[index] = WorkerHandle(index, process, reader, writer)
+
+    async def gather_metrics(self) -> dict[str, Any]:
+        results = await asyncio.gather(*(w.metrics() for w in self.workers.values()))
+        snaps = [r for r in results if r is not None]
+        merged = merge_snapshots(snaps)
+        merged["gauges"]["workers"] = len(snaps)
+        merged["gauges"]["worker_restarts"] = self.restarts
+        return merged
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for index in range(self.count):
+            await self.start_worker(index)
+        settings = self.validated.config.gateway
+        snapshot = compile_snapshot(self.validated.config, PluginEnv())
+        metrics_server = None
+        if snapshot.metrics_enabled:
+            host, port = parse_listen(settings.metrics_listen)
+            metrics_server = await serve_metrics(host, port, self.gather_metrics)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        log.info("supervisor started %d workers", self.count)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                await self._restart_dead()
+        self.stopping = True
+        if metrics_server is not None:
+            metrics_server.close()
+        self._forward(signal.SIGTERM)
+        deadline = settings.drain_timeout + STOP_GRACE
+        codes = await asyncio.gather(*(self._wait(w, deadline) for w in self.workers.values()))
+        return 0 if all(code == 0 for code in codes) else 1
+
+    async def _wait(self, worker: WorkerHandle, timeout: float) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(None, worker.process.wait),
+                                          timeout)
+        except asyncio.TimeoutError:
+            log.error("worker %d did not stop in time; killing it", worker.index)
+            worker.process.kill()
+            return 1
+
+    async def _restart_dead(self) -> None:
+        for index, worker in list(self.workers.items()):
+            code = worker.process.poll()
+            if code is not None and not self.stopping:
+                log.error("worker %d exited with %s; restarting it", index, code)
+                worker.writer.close()
+                self.restarts += 1
+                await self.start_worker(index)
+
+    def _forward(self, signum: int) -> None:
+        for worker in self.workers.values():
+            if worker.process.poll() is None:
+                worker.process.send_signal(signum)

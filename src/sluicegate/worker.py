@@ -1,0 +1,139 @@
+"""One gateway worker process: config snapshot, listeners, metrics, signals, drain.
+
+SIGTERM/SIGINT drain in-flight requests (bounded by `gateway.drain_timeout`) and exit 0.
+SIGHUP re-reads the config file: a bad file is rejected whole and the running config stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+from sluicegate.config.load import ConfigError, ValidatedConfig, load_config_file
+from sluicegate.config.model import parse_listen
+from sluicegate.http.clock import CLOCK
+from sluicegate.http.server import HttpServer
+from sluicegate.http.snapshot import Snapshot, compile_snapshot
+from sluicegate.observe.exposition import serve_metrics
+from sluicegate.observe.metrics import MetricsStore
+from sluicegate.plugins.base import PluginEnv
+
+log = logging.getLogger("sluicegate")
+
+
+class Worker:
+    """Serves traffic on this process's event loop."""
+
+    def __init__(self, config_path: str | Path | None, validated: ValidatedConfig,
+                 reuse_port: bool = False, control: socket.socket | None = None,
+                 index: int = 0) -> None:
+        self.config_path = config_path
+        self.validated = validated
+        self.reuse_port = reuse_port
+        self.control = control
+        self.index = index
+        self.metrics = MetricsStore()
+        self.version = 1
+        self.server: HttpServer | None = None
+        self.stopping: asyncio.Event | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def compile(self, validated: ValidatedConfig) -> Snapshot:
+        return compile_snapshot(validated.config, PluginEnv(metrics=self.metrics), self.version)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        CLOCK.start(loop)
+        snapshot = self.compile(self.validated)
+        self.server = server = HttpServer(snapshot)
+        CLOCK.extra.append(server.tick)
+        for address in snapshot.config.gateway.listen:
+            host, port = parse_listen(address)
+            await server.listen(host, port, self.reuse_port)
+        metrics_server = None
+        if self.control is not None:
+            self._spawn(self._answer_control())
+        elif snapshot.metrics_enabled:
+            host, port = parse_listen(snapshot.config.gateway.metrics_listen)
+            metrics_server = await serve_metrics(host, port, self._local_metrics)
+        self.stopping = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        listening = ", ".join(snapshot.config.gateway.listen)
+        log.info("worker %d (pid %d) serving %d routes on %s", self.index, os.getpid(),
+                 len(snapshot.routes), listening)
+        await self.stopping.wait()
+        log.info("worker %d draining (up to %.0fs)", self.index,
+                 snapshot.config.gateway.drain_timeout)
+        if metrics_server is not None:
+            metrics_server.close()
+        clean = await server.drain(server.snapshot.config.gateway.drain_timeout)
+        from sluicegate.observe.access_log import flush_all
+
+        flush_all()
+        CLOCK.stop()
+        log.info("worker %d stopped%s", self.index, "" if clean else " (drain timed out)")
+        return 0
+
+    def reload(self) -> None:
+        """Re-read the config file; all or nothing."""
+        if self.config_path is None or self.server is None:
+            return
+        try:
+            validated = load_config_file(self.config_path)
+            self.version += 1
+            snapshot = self.compile(validated)
+        except ConfigError as exc:
+            log.error("config reload rejected, still serving the previous config:\n%s",
+                      "\n".join(f"  {line}" for line in exc.errors))
+            return
+        except Exception:
+            log.exception("config reload failed, still serving the previous config")
+            return
+        if snapshot.unavailable:
+            log.error("config reload rejected: %s", "; ".join(snapshot.unavailable))
+            return
+        old = self.server.snapshot.config.gateway
+        if snapshot.config.gateway.listen != old.listen:
+            log.warning("gateway.listen changed: restart to apply new listeners")
+        self.server.swap(snapshot)
+        log.info("config reloaded (version %d, %d routes)", self.version, len(snapshot.routes))
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        snap = self.metrics.snapshot()
+        server = self.server
+        if server is not None:
+            snap["gauges"]["http_connections"] = len(server.connections)
+            snap["gauges"]["upstream_idle_connections"] = server.pool.idle_count()
+            snap["gauges"]["workers"] = 1
+        return snap
+
+    async def _local_metrics(self) -> dict[str, Any]:
+        snap = self.metrics_snapshot()
+        snap["gauges"]["config_version"] = self.version
+        return snap
+
+    async def _answer_control(self) -> None:
+        """Answer the supervisor's metric requests: 1 byte in, length-prefixed pickle out."""
+        assert self.control is not None
+        reader, writer = await asyncio.open_connection(sock=self.control)
+        while True:
+            request = await reader.read(1)
+            if not request:
+                return
+            payload = pickle.dumps(self.metrics_snapshot())
+            writer.write(struct.pack("!I", len(payload)) + payload)
+            await writer.drain()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
