@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 
 
@@ -15,7 +16,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
-            method, target, version = lines[0].split(" ", 2)
+            method, target, _version = lines[0].split(" ", 2)
             headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
             length = int(headers.get("Content-Length", headers.get("content-length", 0)))
             body = await reader.readexactly(length) if length else b""
@@ -41,7 +42,5 @@ async def main(listen: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:9081")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main(parser.parse_args().listen))
-    except KeyboardInterrupt:
-        pass

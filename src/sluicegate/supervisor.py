@@ -49,7 +49,7 @@ class WorkerHandle:
                 size = struct.unpack("!I", await asyncio.wait_for(
                     self.reader.readexactly(4), SCRAPE_TIMEOUT))[0]
                 payload = await asyncio.wait_for(self.reader.readexactly(size), SCRAPE_TIMEOUT)
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            except (TimeoutError, OSError, asyncio.IncompleteReadError):
                 return None
         return pickle.loads(payload)  # our own worker, over a private socketpair
 
@@ -101,7 +101,7 @@ class Supervisor:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self._restart_dead()
         self.stopping = True
         if metrics_server is not None:
@@ -116,7 +116,7 @@ class Supervisor:
         try:
             return await asyncio.wait_for(loop.run_in_executor(None, worker.process.wait),
                                           timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("worker %d did not stop in time; killing it", worker.index)
             worker.process.kill()
             return 1

@@ -7,6 +7,7 @@ per read (PERF.md: coalescing writes is what decides the cost of a Python proxy)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -47,13 +48,44 @@ class Exchange:
     """A request as it travels through the gateway, and its response coming back."""
 
     __slots__ = (
-        "attempts", "body_buffered", "body_expected", "body_filtered", "body_parts", "chain", "client",
-        "connect_task", "ctx", "finished", "head_sent", "host_bytes", "interim", "is_head",
-        "keep_alive", "method_bytes", "mode", "node", "pending", "prior_xff", "replayable",
+        "attempts",
+        "body_buffered",
+        "body_expected",
+        "body_filtered",
+        "body_parts",
+        "chain",
+        "client",
+        "connect_task",
+        "ctx",
+        "finished",
+        "head_sent",
+        "host_bytes",
+        "interim",
+        "is_head",
+        "keep_alive",
+        "method_bytes",
+        "mode",
+        "node",
+        "pending",
+        "prior_xff",
+        "replayable",
         "request_chunked",
-        "request_complete", "resp_length", "resp_headers", "reused", "route", "snapshot",
-        "stale_retries", "started", "tried", "tunnel", "upgrade", "upgrading", "upstream",
-        "upstream_started", "url_bytes", "write_paused_since",
+        "request_complete",
+        "resp_headers",
+        "resp_length",
+        "reused",
+        "route",
+        "snapshot",
+        "stale_retries",
+        "started",
+        "tried",
+        "tunnel",
+        "upgrade",
+        "upgrading",
+        "upstream",
+        "upstream_started",
+        "url_bytes",
+        "write_paused_since",
     )
 
     def __init__(self, client: ClientConnection, ctx: RequestContext, snapshot: Snapshot,
@@ -134,8 +166,7 @@ class Exchange:
                 self.respond(result)
                 return
             self.pending = asyncio.ensure_future(result)
-            resume_at = index
-            self.pending.add_done_callback(lambda f: self._hook_done(f, resume_at))
+            self.pending.add_done_callback(functools.partial(self._hook_done, index=index))
             return
         self.connect_upstream()
 
@@ -212,7 +243,7 @@ class Exchange:
                                        node.host, node.port), timeout)
         except asyncio.CancelledError:
             raise
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.connect_task = None
             if not self.finished:
                 self.connect_failed(node, exc)

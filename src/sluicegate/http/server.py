@@ -48,10 +48,33 @@ class ClientConnection(asyncio.Protocol):
     PAUSE_UPSTREAM = 4
 
     __slots__ = (
-        "closing", "connection_value", "content_length", "forwarded_base", "head_size", "head_started", "header_count", "headers",
-        "host", "host_count", "last_activity", "original_destination", "out", "parser",
-        "parsing", "paused", "pending_error", "peer", "prior_xff", "queue", "server",
-        "sockname", "te_chunked", "transport", "tunnel", "upgrade_value", "url",
+        "closing",
+        "connection_value",
+        "content_length",
+        "forwarded_base",
+        "head_size",
+        "head_started",
+        "header_count",
+        "headers",
+        "host",
+        "host_count",
+        "last_activity",
+        "original_destination",
+        "out",
+        "parser",
+        "parsing",
+        "paused",
+        "peer",
+        "pending_error",
+        "prior_xff",
+        "queue",
+        "server",
+        "sockname",
+        "te_chunked",
+        "transport",
+        "tunnel",
+        "upgrade_value",
+        "url",
     )
 
     def __init__(self, server: HttpServer,
@@ -102,7 +125,7 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.tunnel_from_client(data)
             return
-        if self.pending_error is not None or self.closing and not self.queue:
+        if self.pending_error is not None or (self.closing and not self.queue):
             return
         try:
             self.parser.feed_data(data)
@@ -421,7 +444,7 @@ class HttpServer:
         if self.connections:
             try:
                 await asyncio.wait_for(self._drained.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 clean = False
                 for connection in list(self.connections):
                     connection.abort()

@@ -8,6 +8,7 @@ keyed by node address and outlive config snapshots, so a reload keeps warm conne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -157,10 +158,8 @@ class UpstreamPool:
     def forget(self, connection: UpstreamConnection) -> None:
         idle = self.idle.get(connection.key)
         if idle is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 idle.remove(connection)
-            except ValueError:
-                pass
 
     def sweep(self, now: float) -> None:
         """Close connections idle for longer than their upstream's idle_timeout."""

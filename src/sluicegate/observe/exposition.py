@@ -47,7 +47,7 @@ async def serve_metrics(host: str, port: int, source: SnapshotSource) -> asyncio
             writer.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                          b"Connection: close\r\n\r\n%s" % (status, ctype, len(body), body))
             await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ConnectionError):
             pass
         except Exception:

@@ -133,7 +133,7 @@ class SnapshotCollector(Collector):
             "sluicegate_http_latency_seconds",
             "Request latency (type=request: whole request in the gateway; "
             "type=upstream: until the upstream response head)", labels=["type", *labels])
-        for key, (buckets, count, total) in sorted(snap["latency"].items()):
+        for key, (buckets, _count, total) in sorted(snap["latency"].items()):
             cumulative, running = [], 0
             for bound, bucket_count in zip((*LATENCY_BUCKETS, float("inf")), buckets,
                                            strict=True):
