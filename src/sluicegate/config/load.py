@@ -125,14 +125,23 @@ def _check_plugins(config: GatewayConfig, errors: list[str], warnings: list[str]
             for name, conf in item.plugins.items():
                 _, _, problems = validate_plugin(name, conf, f"{kind}[{index}].plugins.{name}")
                 errors += problems
+    credentials: dict[tuple[str, Any], int] = {}
     for index, consumer in enumerate(config.consumers):
         for name, conf in consumer.plugins.items():
             path = f"consumers[{index}].plugins.{name}"
             if name in registry and registry[name].consumer_schema is None:
                 errors.append(f"{path}: {name!r} takes no consumer config")
                 continue
-            _, _, problems = validate_plugin(name, conf, path, for_consumer=True)
+            model, _, problems = validate_plugin(name, conf, path, for_consumer=True)
             errors += problems
+            unique = registry[name].consumer_unique_field if name in registry else None
+            if model is not None and unique:
+                value = getattr(model, unique)
+                owner = credentials.setdefault((name, value), index)
+                if owner != index:
+                    # Two consumers with one credential: which one a request is becomes
+                    # a guess. The value itself is a secret and is not echoed.
+                    errors.append(f"{path}.{unique}: already used by consumers[{owner}]")
 
 
 def _check_references(config: GatewayConfig, errors: list[str]) -> None:

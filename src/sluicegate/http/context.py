@@ -75,7 +75,25 @@ class RequestContext:
         return self._headers
 
     def get_header(self, name: str) -> str | None:
-        return self.headers.get(name.lower())
+        """One request header (repeats joined with ', '); scans the raw pairs unless the
+        dict is built already, which is cheaper for the one or two lookups auth plugins do."""
+        if self._headers is not None:
+            return self._headers.get(name.lower())
+        wanted = name.lower().encode("latin-1")
+        found: str | None = None
+        for key, value in self.raw_headers:
+            if len(key) == len(wanted) and key.lower() == wanted:
+                text = value.decode("latin-1")
+                found = text if found is None else f"{found}, {text}"
+        return found
+
+    def add_header(self, name: str, value: str) -> None:
+        """Append a request header, keeping others of the same name."""
+        headers = self.headers
+        self.raw_headers.append((name.encode("latin-1"), value.encode("latin-1")))
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        self.headers_dirty = True
 
     def set_header(self, name: str, value: str) -> None:
         """Set (replace) a request header forwarded to the upstream."""
@@ -172,4 +190,8 @@ _VARS = {
     "upstream_addr": lambda c: c.upstream_addr,
     "status": lambda c: str(c.response_status),
     "request_id": lambda c: c.request_id,
+    # Where an intercepted connection was going (None for explicit traffic).
+    "original_dst_addr": lambda c: c.original_destination[0] if c.original_destination else None,
+    "original_dst_port": lambda c: (str(c.original_destination[1]) if c.original_destination
+                                    else None),
 }

@@ -73,6 +73,7 @@ class Exchange:
         "request_complete",
         "resp_headers",
         "resp_length",
+        "resp_upgrade",
         "reused",
         "route",
         "snapshot",
@@ -122,6 +123,7 @@ class Exchange:
         self.pending: asyncio.Future[Any] | None = None
         self.resp_headers: list[tuple[bytes, bytes]] = []
         self.resp_length: bytes | None = None
+        self.resp_upgrade: bytes | None = None
         self.head_sent = False
         self.interim = False
         self.mode = RAW
@@ -323,8 +325,8 @@ class Exchange:
     def response_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
         if lower in RESPONSE_DROP:
-            if self.upgrading or lower == b"upgrade":
-                self.resp_headers.append((name, value))
+            if lower == b"upgrade":  # forwarded only with a 101
+                self.resp_upgrade = value
             return
         if lower == b"content-length":
             self.resp_length = value
@@ -346,7 +348,8 @@ class Exchange:
             self.upgrading = True
             head = [status_line(101)]
             head += [b"%s: %s\r\n" % header for header in self.resp_headers]
-            head.append(b"\r\n")
+            head.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n\r\n" % (
+                self.resp_upgrade or self.upgrade or b"websocket"))
             self.client.out.append(b"".join(head))
             self.head_sent = True
             self.mode = NONE

@@ -33,9 +33,10 @@ REQUEST_PHASES = ("rewrite", "access", "before_proxy")
 
 
 class PluginConfig(BaseModel):
-    """Base of every plugin schema: unknown options are errors."""
+    """Base of every plugin schema: unknown options are errors; attribute docstrings are
+    the option's documentation (and reach the JSON Schema)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class PluginMeta(BaseModel):
@@ -94,6 +95,8 @@ class Plugin:
     schema: ClassVar[type[PluginConfig]]
     # Schema of this plugin's section in a consumer (auth plugins: the credential).
     consumer_schema: ClassVar[type[PluginConfig] | None] = None
+    # Consumer credential field that must be unique across consumers (auth plugins).
+    consumer_unique_field: ClassVar[str | None] = None
     # False while a plugin's machinery is not built: config validates, `run` refuses.
     available: ClassVar[bool] = True
     unavailable_reason: ClassVar[str] = ""

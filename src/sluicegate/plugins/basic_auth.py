@@ -46,6 +46,7 @@ class BasicAuth(Plugin):
     name = "basic-auth"
     priority = 2520
     schema = BasicAuthConfig
+    consumer_unique_field = "username"
     consumer_schema = BasicAuthConsumer
 
     def __init__(self, conf: BasicAuthConfig, env: PluginEnv) -> None:

@@ -45,6 +45,7 @@ class KeyAuth(Plugin):
     name = "key-auth"
     priority = 2500
     schema = KeyAuthConfig
+    consumer_unique_field = "key"
     consumer_schema = KeyAuthConsumer
 
     def __init__(self, conf: KeyAuthConfig, env: PluginEnv) -> None:

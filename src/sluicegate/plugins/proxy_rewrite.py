@@ -252,10 +252,4 @@ def _set_upstream_uri(ctx: RequestContext, uri: str) -> None:
 
 
 def add_request_header(ctx: RequestContext, name: str, value: str) -> None:
-    """Append a request header, keeping any of the same name (the context has only
-    `set_header`, which replaces)."""
-    headers = ctx.headers  # built before the append so the new value is counted once
-    ctx.raw_headers.append((name.encode("latin-1"), value.encode("latin-1")))
-    key = name.lower()
-    headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    ctx.headers_dirty = True
+    ctx.add_header(name, value)
