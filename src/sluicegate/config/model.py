@@ -161,6 +161,10 @@ class RouteConfig(Strict):
             if len(expr) == 2:
                 expr = [expr[0], "==", expr[1]]
                 value[index] = expr  # type: ignore[index]
+            elif len(expr) == 4 and expr[1] == "!":
+                # lua-resty-expr's negation as its own element: [var, "!", op, value]
+                expr = [expr[0], f"!{expr[2]}", expr[3]]
+                value[index] = expr  # type: ignore[index]
             if len(expr) != 3 or not isinstance(expr[0], str):
                 raise ValueError(f"vars[{index}]: expected [var, operator, value]")
             operator = expr[1].lstrip("!") if isinstance(expr[1], str) else None

@@ -71,6 +71,7 @@ class Exchange:
         "replayable",
         "request_chunked",
         "request_complete",
+        "resp_chunked",
         "resp_headers",
         "resp_length",
         "resp_upgrade",
@@ -81,6 +82,7 @@ class Exchange:
         "started",
         "tried",
         "tunnel",
+        "until_close",
         "upgrade",
         "upgrading",
         "upstream",
@@ -124,6 +126,8 @@ class Exchange:
         self.resp_headers: list[tuple[bytes, bytes]] = []
         self.resp_length: bytes | None = None
         self.resp_upgrade: bytes | None = None
+        self.resp_chunked = False
+        self.until_close = False
         self.head_sent = False
         self.interim = False
         self.mode = RAW
@@ -140,13 +144,19 @@ class Exchange:
         ctx = self.ctx
         route = self.snapshot.table.match(ctx.method, ctx.uri, ctx.host, ctx)
         if route is None:
+            # Global rules still run (APISIX), then the 404.
             self.chain = self.snapshot.global_chain
-            self.respond_error(404, "", message="404 Route Not Found")
-            return
-        ctx.route = self.route = route
-        self.chain = route.chain
+        else:
+            ctx.route = self.route = route
+            self.chain = route.chain
         if self.chain.request_hooks:
             self.run_request_hooks(0)
+        else:
+            self.proxy()
+
+    def proxy(self) -> None:
+        if self.route is None:
+            self.respond_error(404, "", message="404 Route Not Found")
         else:
             self.connect_upstream()
 
@@ -170,7 +180,7 @@ class Exchange:
             self.pending = asyncio.ensure_future(result)
             self.pending.add_done_callback(functools.partial(self._hook_done, index=index))
             return
-        self.connect_upstream()
+        self.proxy()
 
     def _hook_done(self, future: asyncio.Future[Any], index: int) -> None:
         self.pending = None
@@ -283,13 +293,13 @@ class Exchange:
         self.upstream_started = time.monotonic()
         assert self.route is not None and self.node is not None
         self.route.upstream.balancer.on_request_start(self.node)
-        parts = [self.build_upstream_head()]
-        if self.body_parts:
-            parts += self.body_parts
-            self.body_parts.clear()
-            self.body_buffered = 0
-            self.client.resume_reading_for(self.client.PAUSE_BODY)
-        connection.transport.write(b"".join(parts))  # type: ignore[union-attr]
+        self.body_parts.insert(0, self.build_upstream_head())
+        client = self.client
+        if client.feeding:
+            client.deferred = self  # written when the read that carried it parsed cleanly
+        else:
+            self.flush_request_body()
+        client.resume_reading_for(client.PAUSE_BODY)
         CLOCK.watchers.add(self)
         if connection.writing_paused:
             self.upstream_write_paused(True)
@@ -310,6 +320,8 @@ class Exchange:
             host = self.node.host_header
         else:
             host = upstream.upstream_host.encode()  # type: ignore[union-attr]
+        if not host:  # HTTP/1.0 without Host: HTTP/1.1 to the upstream needs one
+            host = self.node.host_header
         parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
         for name, value in ctx.raw_headers:
             parts += (name, b": ", value, b"\r\n")
@@ -327,6 +339,8 @@ class Exchange:
         if lower in RESPONSE_DROP:
             if lower == b"upgrade":  # forwarded only with a 101
                 self.resp_upgrade = value
+            elif lower == b"transfer-encoding":
+                self.resp_chunked = True
             return
         if lower == b"content-length":
             self.resp_length = value
@@ -355,6 +369,8 @@ class Exchange:
             self.mode = NONE
             return False
         no_body = self.is_head or status in NO_BODY_STATUS
+        if not no_body and self.resp_length is None and not self.resp_chunked:
+            self.until_close = True  # the upstream ends this body by closing
         chain = self.chain
         if chain.needs_headers:
             headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.resp_headers]
@@ -487,7 +503,7 @@ class Exchange:
             else:
                 self.respond_error(502, "upstream closed the connection")
             return
-        if self.mode == UNTIL_CLOSE:
+        if self.until_close:
             self.response_complete(connection, False)
             return
         self.upstream = None

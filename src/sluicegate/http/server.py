@@ -22,6 +22,7 @@ from sluicegate.http.exchange import Exchange
 from sluicegate.http.snapshot import Snapshot
 from sluicegate.http.upstream import UpstreamPool
 from sluicegate.proto.http1 import (
+    MAX_HEAD_BYTES,
     MAX_HEADER_BYTES,
     MAX_HEADER_COUNT,
     MAX_REQUEST_LINE,
@@ -35,7 +36,11 @@ from sluicegate.proto.http1 import (
 log = logging.getLogger("sluicegate.http")
 
 CLOSE_HEADER = b"Connection: close\r\n"
+# How long a connection closed after an error keeps draining what the client still sends
+# (nginx lingering_timeout is 5 s; lingering_time 30 s).
+LINGER_SECONDS = 2.0
 KEEP_ALIVE_HEADER = b"Connection: keep-alive\r\n"
+CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 # Methods whose request may be sent again to another node (RFC 9110 §9.2.2).
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
@@ -51,7 +56,10 @@ class ClientConnection(asyncio.Protocol):
         "closing",
         "connection_value",
         "content_length",
+        "deferred",
+        "feeding",
         "forwarded_base",
+        "head_bytes",
         "head_size",
         "head_started",
         "header_count",
@@ -59,6 +67,7 @@ class ClientConnection(asyncio.Protocol):
         "host",
         "host_count",
         "last_activity",
+        "lingering",
         "original_destination",
         "out",
         "parser",
@@ -71,6 +80,7 @@ class ClientConnection(asyncio.Protocol):
         "server",
         "sockname",
         "te_chunked",
+        "te_value",
         "transport",
         "tunnel",
         "upgrade_value",
@@ -91,7 +101,11 @@ class ClientConnection(asyncio.Protocol):
         self.pending_error: tuple[int, str] | None = None
         self.tunnel: Exchange | None = None
         self.last_activity = CLOCK.now
-        self.head_started = 0.0
+        self.head_started = CLOCK.now  # a connection starts in a request head
+        self.head_bytes = 0
+        self.feeding = False
+        self.lingering = False
+        self.deferred: Exchange | None = None
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -102,6 +116,7 @@ class ClientConnection(asyncio.Protocol):
         self.host = b""
         self.host_count = 0
         self.te_chunked = False
+        self.te_value = b""
         self.upgrade_value: bytes | None = None
         self.prior_xff: bytes | None = None
         self.connection_value: bytes | None = None
@@ -122,16 +137,23 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = CLOCK.now
+        if self.lingering:
+            return
         if self.tunnel is not None:
             self.tunnel.tunnel_from_client(data)
             return
         if self.pending_error is not None or (self.closing and not self.queue):
             return
+        # While parsing, upstream writes are deferred to the end of this read: bytes that
+        # turn out to be malformed later in the same read never reach the upstream.
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            self.feeding = False
             self._after_upgrade_request(data[upgrade.args[0]:])
         except httptools.HttpParserCallbackError as exc:
+            self.feeding = False
             cause = exc.__context__
             if isinstance(cause, RequestRejected):
                 self.reject(cause.status, cause.reason)
@@ -140,10 +162,22 @@ class ClientConnection(asyncio.Protocol):
                 self.reject(500, "internal error")
             return
         except httptools.HttpParserError as exc:
+            self.feeding = False
             self.reject(400, str(exc))
             return
+        self.feeding = False
+        if self.head_started:
+            # httptools holds an unfinished header line without calling back: count here.
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.reject(431, "request headers too large")
+                return
+        deferred = self.deferred
+        if deferred is not None:
+            self.deferred = None
+            deferred.flush_request_body()
         exchange = self.parsing
-        if exchange is not None and exchange.body_parts:
+        if exchange is not None and exchange is not deferred and exchange.body_parts:
             exchange.flush_request_body()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -168,6 +202,7 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------
     def on_message_begin(self) -> None:
         self.head_started = CLOCK.now
+        self.head_bytes = 0
         self._reset_head()
 
     def on_url(self, url: bytes) -> None:
@@ -186,7 +221,8 @@ class ClientConnection(asyncio.Protocol):
                 self.host = value
                 self.host_count += 1
             elif lower == b"transfer-encoding":
-                self.te_chunked = True  # llhttp refuses any TE not ending in chunked
+                self.te_value = value if not self.te_chunked else b"(repeated)"
+                self.te_chunked = True
             elif lower == b"x-forwarded-for":
                 self.prior_xff = value if self.prior_xff is None else \
                     self.prior_xff + b", " + value
@@ -207,6 +243,8 @@ class ClientConnection(asyncio.Protocol):
         version = parser.get_http_version()
         check_request_framing(version, self.te_chunked, self.host_count)
         method = parser.get_method()
+        if self.connection_value is not None:
+            self._drop_connection_listed_headers()
         url = self.url
         if url[:1] != b"/":
             url = self._origin_form(url, method)
@@ -225,6 +263,10 @@ class ClientConnection(asyncio.Protocol):
         if method == b"CONNECT":
             raise RequestRejected(405, "CONNECT is not supported")
         chunked = self.te_chunked
+        if chunked and self.te_value.strip().lower() != b"chunked":
+            # Only a lone "chunked" is understood; anything else is a framing we cannot
+            # read the way the upstream would (RFC 9112 §6.1).
+            raise RequestRejected(400, "unsupported Transfer-Encoding")
         body_expected = chunked or (self.content_length is not None and
                                     self.content_length.strip(b" \t0") != b"")
         exchange = Exchange(self, ctx, self.server.snapshot, method, url, self.host, chunked,
@@ -239,6 +281,13 @@ class ClientConnection(asyncio.Protocol):
             exchange.start()
         else:
             self.pause_reading_for(self.PAUSE_PIPELINE)
+
+    def _drop_connection_listed_headers(self) -> None:
+        # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
+        names = {token.strip().lower() for token in self.connection_value.split(b",")}
+        names -= CONNECTION_OPTIONS
+        if names:
+            self.headers = [(n, v) for n, v in self.headers if n.lower() not in names]
 
     def _wants_keep_alive(self, version: str) -> bool:
         tokens = self.connection_value.lower() if self.connection_value else b""
@@ -315,8 +364,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.tunnel is exchange:
             return
-        if not exchange.keep_alive or not exchange.request_complete or self.closing or \
-                self.server.draining:
+        if not exchange.request_complete:
+            self.linger()  # unread request body: drain it so the client sees the answer
+            return
+        if not exchange.keep_alive or self.closing or self.server.draining:
             self.close()
             return
         self.last_activity = CLOCK.now
@@ -332,10 +383,21 @@ class ClientConnection(asyncio.Protocol):
     def reject(self, status: int, reason: str) -> None:
         """Answer a bad request with `status` and close, after earlier pipelined answers."""
         self.pause_reading_for(self.PAUSE_PIPELINE)
-        if self.parsing is not None and self.parsing in self.queue and not \
-                self.parsing.started:
-            self.queue.remove(self.parsing)
+        self.head_started = 0.0
+        broken = self.parsing
         self.parsing = None
+        self.deferred = None
+        if broken is not None and not broken.request_complete:
+            broken.body_parts.clear()  # never forward the rest of a malformed request
+            broken.keep_alive = False
+            if broken.started:
+                # It is the exchange in flight: answer in its place (or cut the
+                # connection when its response has begun) and drop its upstream side.
+                self.closing = True
+                broken.respond_error(status, reason)
+                return
+            if broken in self.queue:
+                self.queue.remove(broken)
         if self.queue:
             self.pending_error = (status, reason)
         else:
@@ -346,7 +408,25 @@ class ClientConnection(asyncio.Protocol):
         self.out.append(b"%sContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
             status_line(status), len(body), CLOSE_HEADER, body))
         self.flush()
-        self.close()
+        self.linger()
+
+    def linger(self) -> None:
+        """Close after an error the way nginx's lingering_close does: send FIN, then read and
+        discard what the client is still sending for a while. Closing at once with unread
+        bytes makes the kernel send RST, and the client may lose the error response."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.closing = True
+        self.lingering = True
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError):
+            self.close()
+            return
+        self.paused = 0
+        transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, self.close)
 
     def close(self) -> None:
         self.closing = True

@@ -18,6 +18,8 @@ MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 32768
 # h11 and Node.js cap the header count near 100; a longer list is an attack, not a client.
 MAX_HEADER_COUNT = 100
+# Bound on a whole request head as it is buffered (request line + headers + line ends).
+MAX_HEAD_BYTES = MAX_REQUEST_LINE + MAX_HEADER_BYTES + 1024
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-specific ones clients still send.
 # They describe one connection and are never forwarded as received.
@@ -48,6 +50,9 @@ class RequestRejected(Exception):
 
 def check_request_framing(version: str, has_transfer_encoding: bool, host_count: int) -> None:
     """Raise RequestRejected for framing llhttp lets through."""
+    if version not in ("1.0", "1.1"):
+        raise RequestRejected(505 if version[:1] not in ("0", "") else 400,
+                              f"HTTP/{version} is not supported")
     if has_transfer_encoding and version == "1.0":
         # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty.
         raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
@@ -79,8 +84,9 @@ def error_body(status: int, message: str) -> bytes:
 
 
 def chunk(data: bytes) -> bytes:
-    """One chunk of a chunked body (RFC 9112 §7.1)."""
-    return b"%x\r\n%s\r\n" % (len(data), data)
+    """One chunk of a chunked body (RFC 9112 §7.1); empty data is no chunk at all (a
+    zero-size chunk would end the body)."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
 
 
 LAST_CHUNK = b"0\r\n\r\n"
