@@ -24,12 +24,14 @@ from sluicegate.http.snapshot import compile_snapshot
 from sluicegate.observe.exposition import serve_metrics
 from sluicegate.observe.metrics import merge_snapshots
 from sluicegate.plugins.base import PluginEnv
+from sluicegate.worker import stop_requested
 
 log = logging.getLogger("sluicegate")
 
 SCRAPE_TIMEOUT = 2.0
 # Extra time beyond drain_timeout a worker gets to exit before it is killed.
 STOP_GRACE = 5.0
+WORKER_START_TIMEOUT = 30.0
 
 
 class WorkerHandle:
@@ -74,6 +76,12 @@ class Supervisor:
         child.close()
         reader, writer = await asyncio.open_connection(sock=parent)
         self.workers[index] = WorkerHandle(index, process, reader, writer)
+        try:  # the worker says when it handles signals and serves
+            ready = await asyncio.wait_for(reader.readexactly(1), WORKER_START_TIMEOUT)
+        except (TimeoutError, asyncio.IncompleteReadError):
+            ready = b""
+        if ready != b"R":
+            log.error("worker %d did not start", index)
 
     async def gather_metrics(self) -> dict[str, Any]:
         results = await asyncio.gather(*(w.metrics() for w in self.workers.values()))
@@ -85,18 +93,23 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for index in range(self.count):
-            await self.start_worker(index)
-        settings = self.validated.config.gateway
-        snapshot = compile_snapshot(self.validated.config, PluginEnv())
-        metrics_server = None
-        if snapshot.metrics_enabled:
-            host, port = parse_listen(settings.metrics_listen)
-            metrics_server = await serve_metrics(host, port, self.gather_metrics)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        if stop_requested():
+            stop.set()
+        for index in range(self.count):
+            await self.start_worker(index)
+        if any(w.process.poll() is not None for w in self.workers.values()):
+            log.error("a worker failed to start; stopping")
+            stop.set()
+        settings = self.validated.config.gateway
+        snapshot = compile_snapshot(self.validated.config, PluginEnv())
+        metrics_server = None
+        if snapshot.metrics_enabled and not stop.is_set():
+            host, port = parse_listen(settings.metrics_listen)
+            metrics_server = await serve_metrics(host, port, self.gather_metrics)
         log.info("supervisor started %d workers", self.count)
         while not stop.is_set():
             try:

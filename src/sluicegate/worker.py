@@ -27,6 +27,24 @@ from sluicegate.plugins.base import PluginEnv
 
 log = logging.getLogger("sluicegate")
 
+_stop_requested = False
+
+
+def capture_stop_signals() -> None:
+    """Remember a SIGTERM/SIGINT that arrives before the event loop handles signals, so a
+    stop during start-up is still a clean stop."""
+
+    def remember(signum: int, frame: Any) -> None:
+        global _stop_requested
+        _stop_requested = True
+
+    signal.signal(signal.SIGTERM, remember)
+    signal.signal(signal.SIGINT, remember)
+
+
+def stop_requested() -> bool:
+    return _stop_requested
+
 
 class Worker:
     """Serves traffic on this process's event loop."""
@@ -50,6 +68,12 @@ class Worker:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if stop_requested():
+            self.stopping.set()
         CLOCK.start(loop)
         snapshot = self.compile(self.validated)
         self.server = server = HttpServer(snapshot)
@@ -58,15 +82,12 @@ class Worker:
             host, port = parse_listen(address)
             await server.listen(host, port, self.reuse_port)
         metrics_server = None
-        if self.control is not None:
-            self._spawn(self._answer_control())
-        elif snapshot.metrics_enabled:
+        if self.control is None and snapshot.metrics_enabled:
             host, port = parse_listen(snapshot.config.gateway.metrics_listen)
             metrics_server = await serve_metrics(host, port, self._local_metrics)
-        self.stopping = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.control is not None:
+            self.control.send(b"R")  # ready: the supervisor may now forward signals
+            self._spawn(self._answer_control())
         listening = ", ".join(snapshot.config.gateway.listen)
         log.info("worker %d (pid %d) serving %d routes on %s", self.index, os.getpid(),
                  len(snapshot.routes), listening)
@@ -124,6 +145,7 @@ class Worker:
     async def _answer_control(self) -> None:
         """Answer the supervisor's metric requests: 1 byte in, length-prefixed pickle out."""
         assert self.control is not None
+        self.control.setblocking(False)
         reader, writer = await asyncio.open_connection(sock=self.control)
         while True:
             request = await reader.read(1)

@@ -155,6 +155,9 @@ def _check_available(validated: Any) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from sluicegate.worker import capture_stop_signals
+
+    capture_stop_signals()
     validated = _load(args.config)
     if validated is None:
         return ExitCode.INVALID_CONFIG
@@ -180,6 +183,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from sluicegate.worker import capture_stop_signals
+
+    capture_stop_signals()
     validated = _load(args.config)
     if validated is None:
         return ExitCode.INVALID_CONFIG
