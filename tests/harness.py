@@ -79,6 +79,7 @@ class Nginx:
         status_locations = " ".join(f"location = /status/{code} {{ return {code}; }}"
                                     for code in self.STATUSES)
         config = textwrap.dedent(f"""
+            user root;
             worker_processes 1;
             daemon off;
             master_process on;
@@ -126,13 +127,18 @@ class EchoUpstream:
     """tests/servers/echo_upstream.py: answers with JSON describing the request it got
     (method, target, headers as a list, body length and sha256). See that file for knobs."""
 
-    def __init__(self, port: int | None = None, name: str = "echo") -> None:
+    def __init__(self, port: int | None = None, name: str = "echo",
+                 ws_port: int | None = None) -> None:
         self.port = port or free_port()
         self.name = name
-        self.process = subprocess.Popen(
-            [sys.executable, str(ECHO_UPSTREAM), "--port", str(self.port), "--name", name],
-            stdout=subprocess.DEVNULL)
+        self.ws_port = ws_port  # a WebSocket echo server listens there too when set
+        command = [sys.executable, str(ECHO_UPSTREAM), "--port", str(self.port), "--name", name]
+        if ws_port is not None:
+            command += ["--ws-port", str(ws_port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         wait_for_port(self.port, process=self.process)
+        if ws_port is not None:
+            wait_for_port(ws_port, process=self.process)
 
     @property
     def address(self) -> str:

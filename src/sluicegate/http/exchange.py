@@ -12,7 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from sluicegate.http.clock import CLOCK
+from sluicegate.http.clock import CLOCK, TICK_SECONDS
 from sluicegate.http.upstream import UpstreamConnection
 from sluicegate.plugins.base import EMPTY_CHAIN, PluginChain, Response
 from sluicegate.proto.http1 import (
@@ -524,9 +524,12 @@ class Exchange:
         if connection is None or self.finished or self.tunnel:
             return
         upstream = self.route.upstream  # type: ignore[union-attr]
-        if self.write_paused_since and now - self.write_paused_since > upstream.send_timeout:
+        # Stamps come from the coarse clock (up to one tick old): add a tick so a timeout
+        # never fires early.
+        if self.write_paused_since and \
+                now - self.write_paused_since > upstream.send_timeout + TICK_SECONDS:
             reason = "upstream send timed out"
-        elif now - connection.last_read > upstream.read_timeout:
+        elif now - connection.last_read > upstream.read_timeout + TICK_SECONDS:
             reason = "upstream read timed out"
         else:
             return

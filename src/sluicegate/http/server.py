@@ -16,7 +16,7 @@ from urllib.parse import unquote
 
 import httptools
 
-from sluicegate.http.clock import CLOCK
+from sluicegate.http.clock import CLOCK, TICK_SECONDS
 from sluicegate.http.context import RequestContext
 from sluicegate.http.exchange import Exchange
 from sluicegate.http.snapshot import Snapshot
@@ -348,7 +348,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_header(self, exchange: Exchange) -> bytes:
         """Decide whether this response is the last on the connection, and say so."""
         if (not exchange.keep_alive or self.closing or exchange.upgrade is not None
-                or self.server.draining):
+                or self.server.draining
+                or (exchange.body_expected and not exchange.request_complete)):
             exchange.keep_alive = False
             return CLOSE_HEADER
         if exchange.ctx.version == "1.0":
@@ -455,9 +456,9 @@ class ClientConnection(asyncio.Protocol):
         if self.queue or self.tunnel is not None:
             return
         if self.head_started:  # a request head is arriving
-            if now - self.head_started > settings.client_header_timeout:
+            if now - self.head_started > settings.client_header_timeout + TICK_SECONDS:
                 self._send_error(408, "request header timeout")
-        elif now - self.last_activity > settings.keepalive_timeout:
+        elif now - self.last_activity > settings.keepalive_timeout + TICK_SECONDS:
             self.close()
 
 

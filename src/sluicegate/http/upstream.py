@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from sluicegate.http.clock import CLOCK
+from sluicegate.http.clock import CLOCK, TICK_SECONDS
 
 if TYPE_CHECKING:
     from sluicegate.http.exchange import Exchange
@@ -165,7 +165,7 @@ class UpstreamPool:
         """Close connections idle for longer than their upstream's idle_timeout."""
         for key, idle in self.idle.items():
             idle_timeout = self.idle_timeouts.get(key, 60.0)
-            while idle and now - idle[0].idle_since > idle_timeout:
+            while idle and now - idle[0].idle_since > idle_timeout + TICK_SECONDS:
                 idle.popleft().close()
 
     def close_all(self) -> None:
