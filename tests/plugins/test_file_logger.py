@@ -190,4 +190,4 @@ def test_file_logger_config_errors_name_the_field(tmp_path):
     assert errors == ["p.include_req_body: not supported: sluicegate does not log request "
                       "bodies"]
     _, _, errors = validate_plugin("file-logger", {"path": str(tmp_path / "no" / "a.log")}, "p")
-    assert errors == [f"p: path: folder {str(tmp_path / 'no')!r} does not exist"]
+    assert errors == [f"p.path: folder {str(tmp_path / 'no')!r} does not exist"]

@@ -266,7 +266,7 @@ def test_validate_plugin_runs_semantic_checks_after_the_schema():
     _, _, errors = validate_plugin("proxy-rewrite", {"regex_uri": ["^/a/(.*)", "/b/$2"]},
                                    "routes[0].plugins.proxy-rewrite")
     assert len(errors) == 1
-    assert errors[0].startswith("routes[0].plugins.proxy-rewrite: regex_uri[1]: ")
+    assert errors[0].startswith("routes[0].plugins.proxy-rewrite.regex_uri[1]: ")
 
 
 def test_validate_plugin_for_a_consumer_uses_the_consumer_schema():

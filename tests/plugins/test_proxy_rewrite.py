@@ -116,7 +116,7 @@ def test_proxy_rewrite_rejects_odd_regex_uri():
 
 def test_proxy_rewrite_rejects_bad_regex_and_missing_capture():
     (error,) = errors_of({"regex_uri": ["^/(a", "/b"]})
-    assert error.startswith("routes[0].plugins.proxy-rewrite: regex_uri[0]: invalid regex")
+    assert error.startswith("routes[0].plugins.proxy-rewrite.regex_uri[0]: invalid regex")
     (error,) = errors_of({"regex_uri": ["^/(a)", "/$2"]})
     assert "regex_uri[1]: refers to capture $2" in error
 

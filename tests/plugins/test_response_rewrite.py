@@ -3,9 +3,10 @@ import gzip
 
 import pytest
 
+from sluicegate.config.expr import compile_vars
 from sluicegate.http.context import RequestContext
 from sluicegate.plugins.base import PluginEnv, build_chain, validate_plugin
-from sluicegate.plugins.response_rewrite import ResponseRewrite, compile_vars
+from sluicegate.plugins.response_rewrite import ResponseRewrite
 
 UPSTREAM_HEADERS = [("Content-Type", "text/plain"), ("Content-Length", "11"),
                     ("ETag", '"v1"'), ("Server", "backend")]
@@ -183,8 +184,8 @@ def test_response_rewrite_config_errors_name_the_field():
 
 def test_response_rewrite_semantic_errors_name_the_element():
     assert errors_of({"vars": [["status", "=~", 200]]}) == [
-        "routes[0].plugins.response-rewrite: vars[0]: unknown operator '=~' (supported: ==, "
-        "~=, >, <, >=, <=, ~~, ~*, in, each may follow '!')"]
+        "routes[0].plugins.response-rewrite.vars[0]: unknown operator '=~' (supported: ==, "
+        "~=, >, <, >=, <=, ~~, ~*, in, has, ipmatch, each may follow '!')"]
     assert "vars[0]: invalid regex" in errors_of({"vars": [["uri", "~~", "(("]]})[0]
     assert "filters[0].regex: invalid regex" in errors_of(
         {"filters": [{"regex": "((", "replace": ""}]})[0]

@@ -6,7 +6,6 @@ models and never touches pydantic on the request path.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -17,10 +16,10 @@ from pydantic import (
     model_validator,
 )
 
+from sluicegate.config.expr import compile_vars
+
 ObjectId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 
-# lua-resty-expr operators that APISIX route `vars` accept (a leading "!" negates).
-VAR_OPERATORS = ("==", "~=", ">", "<", ">=", "<=", "~~", "~*", "in", "has", "ipmatch")
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
                 "PURGE")
 
@@ -133,7 +132,7 @@ class RouteConfig(Strict):
     hosts: list[str] | None = None
     methods: list[Literal[HTTP_METHODS]] | None = None  # type: ignore[valid-type]
     remote_addrs: list[str] | None = None
-    vars: list[list[Any]] | None = None
+    vars: list[Any] | None = None
     priority: int = 0
     plugins: PluginMap = Field(default_factory=dict)
     plugin_config_id: ObjectId | None = None
@@ -156,27 +155,9 @@ class RouteConfig(Strict):
 
     @field_validator("vars")
     @classmethod
-    def _vars_shape(cls, value: list[list[Any]] | None) -> list[list[Any]] | None:
-        for index, expr in enumerate(value or []):
-            if len(expr) == 2:
-                expr = [expr[0], "==", expr[1]]
-                value[index] = expr  # type: ignore[index]
-            elif len(expr) == 4 and expr[1] == "!":
-                # lua-resty-expr's negation as its own element: [var, "!", op, value]
-                expr = [expr[0], f"!{expr[2]}", expr[3]]
-                value[index] = expr  # type: ignore[index]
-            if len(expr) != 3 or not isinstance(expr[0], str):
-                raise ValueError(f"vars[{index}]: expected [var, operator, value]")
-            operator = expr[1].lstrip("!") if isinstance(expr[1], str) else None
-            if operator not in VAR_OPERATORS:
-                raise ValueError(f"vars[{index}]: unknown operator {expr[1]!r}")
-            if operator in ("~~", "~*"):
-                try:
-                    re.compile(str(expr[2]))
-                except re.error as exc:
-                    raise ValueError(f"vars[{index}]: bad regex {expr[2]!r}: {exc}") from None
-            if operator == "in" and not isinstance(expr[2], list):
-                raise ValueError(f"vars[{index}]: 'in' needs a list")
+    def _vars_shape(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            compile_vars(value, "vars")  # raises ValueError naming the bad element
         return value
 
     @model_validator(mode="after")

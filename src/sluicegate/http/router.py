@@ -10,9 +10,10 @@ lookup per distinct prefix length (bounded by the path length, not by the route 
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Callable
 from typing import Any
+
+from sluicegate.config.expr import compile_vars
 
 VarsMatcher = Callable[[Any], bool]
 
@@ -137,73 +138,3 @@ class RouteTable:
                     if found is not None:
                         return found
         return self.any_host.find(path, method, ctx)
-
-
-def _number(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def compile_condition(name: str, operator: str, expected: Any) -> VarsMatcher:
-    """One lua-resty-expr condition `[var, op, value]` over `ctx.var` (a leading ! negates)."""
-    negate = operator.startswith("!")
-    op = operator.lstrip("!")
-    if op in ("~~", "~*"):
-        regex = re.compile(str(expected), re.IGNORECASE if op == "~*" else 0)
-
-        def test(value: Any) -> bool:
-            return value is not None and regex.search(str(value)) is not None
-    elif op == "==":
-        text = str(expected)
-
-        def test(value: Any) -> bool:
-            return value is not None and str(value) == text
-    elif op == "~=":
-        text = str(expected)
-
-        def test(value: Any) -> bool:
-            return value is None or str(value) != text
-    elif op in (">", "<", ">=", "<="):
-        bound = _number(expected)
-        compare = {">": float.__gt__, "<": float.__lt__, ">=": float.__ge__,
-                   "<=": float.__le__}[op]
-
-        def test(value: Any) -> bool:
-            number = _number(value)
-            return number is not None and bound is not None and compare(number, bound)
-    elif op == "in":
-        choices = {str(item) for item in expected}
-
-        def test(value: Any) -> bool:
-            return value is not None and str(value) in choices
-    elif op == "has":
-        needle = str(expected)
-
-        def test(value: Any) -> bool:
-            return value is not None and needle in str(value)
-    elif op == "ipmatch":
-        networks = [ipaddress.ip_network(n, strict=False)
-                    for n in (expected if isinstance(expected, list) else [expected])]
-
-        def test(value: Any) -> bool:
-            try:
-                address = ipaddress.ip_address(value)
-            except ValueError:
-                return False
-            return any(address in network for network in networks)
-    else:
-        raise ValueError(f"unknown operator {operator!r}")
-
-    if negate:
-        return lambda ctx: not test(ctx.var(name))
-    return lambda ctx: test(ctx.var(name))
-
-
-def compile_vars(expressions: list[list[Any]]) -> VarsMatcher:
-    """All conditions must hold (APISIX `vars` is an AND list)."""
-    tests = [compile_condition(str(e[0]), str(e[1]), e[2]) for e in expressions]
-    if len(tests) == 1:
-        return tests[0]
-    return lambda ctx: all(test(ctx) for test in tests)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -153,11 +154,28 @@ def format_location(prefix: str, loc: tuple[Any, ...]) -> str:
     return path
 
 
+# A reason that starts with its own field path ("vars[0]: bad regex"), from a validator
+# that knows more precisely where the problem is than the field it validates.
+_LEADING_PATH = re.compile(r"([A-Za-z_][\w\-]*)((?:\[\d+\])*(?:\.[\w\-]+(?:\[\d+\])*)*): (.*)",
+                           re.DOTALL)
+
+
+def join_path(path: str, reason: str) -> str:
+    """`path: reason`, with a field path leading the reason folded into the path."""
+    match = _LEADING_PATH.fullmatch(reason)
+    if match is None:
+        return f"{path}: {reason}"
+    head, rest, message = match.groups()
+    if path == head or path.endswith(f".{head}"):
+        return f"{path}{rest}: {message}"
+    return f"{path}.{head}{rest}: {message}" if path else f"{head}{rest}: {message}"
+
+
 def validation_errors(prefix: str, exc: ValidationError) -> list[str]:
     errors = []
     for error in exc.errors():
         message = error["msg"].removeprefix("Value error, ")
-        errors.append(f"{format_location(prefix, error['loc'])}: {message}")
+        errors.append(join_path(format_location(prefix, error["loc"]), message))
     return errors
 
 
@@ -188,7 +206,7 @@ def validate_plugin(name: str, conf: Any, path: str, *, for_consumer: bool = Fal
         model = schema.model_validate(conf)
     except ValidationError as exc:
         return None, meta, errors + validation_errors(path, exc)
-    errors += [f"{path}: {reason}" for reason in (cls.check(model) if not for_consumer else [])]
+    errors += [join_path(path, reason) for reason in (cls.check(model) if not for_consumer else [])]
     return model, meta, errors
 
 
