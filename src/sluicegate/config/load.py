@@ -115,7 +115,7 @@ def _check_plugins(config: GatewayConfig, errors: list[str], warnings: list[str]
         errors += problems
         if entry.service is not None and find_service(config, entry.service) is None:
             cls = registry.get(entry.name)
-            if getattr(cls, "service_optional", False):
+            if cls is not None and cls.service_optional:
                 warnings.append(f"{path}.service: no service {entry.service!r} is defined: "
                                 "traffic goes to its original destination")
             else:
