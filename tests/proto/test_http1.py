@@ -19,7 +19,7 @@ from sluicegate.proto.http1 import (
     status_line,
 )
 
-# -- check_request_framing ---------------------------------------------------------------
+# -- check_request_framing -----------------------------------------------------------------
 
 
 def test_framing_accepts_http11_request_with_one_host():
@@ -56,6 +56,14 @@ def test_framing_rejects_more_than_one_host_header(version, host_count):
         check_request_framing(version, False, host_count)
     assert caught.value.status == 400
     assert "Host" in caught.value.reason
+
+
+@pytest.mark.parametrize(("version", "status"), [("2.0", 505), ("3.0", 505), ("0.9", 400)])
+def test_framing_refuses_versions_other_than_http10_and_http11(version, status):
+    with pytest.raises(RequestRejected) as caught:
+        check_request_framing(version, False, 1)
+    assert caught.value.status == status
+    assert version in caught.value.reason
 
 
 def test_request_rejected_carries_status_and_reason_as_message():
@@ -96,7 +104,7 @@ def test_last_chunk_ends_a_chunked_body_without_trailers():
     assert LAST_CHUNK == b"0\r\n\r\n"
 
 
-# -- status_line -----------------------------------------------------------------------------
+# -- status_line ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("status", "line"), [
@@ -119,7 +127,7 @@ def test_status_line_for_nonstandard_code_is_still_well_formed(status):
     assert line.count(b"\r\n") == 1
 
 
-# -- error_body ------------------------------------------------------------------------------
+# -- error_body ----------------------------------------------------------------------------
 
 
 def test_error_body_is_json_with_status_phrase_and_message():
@@ -139,7 +147,7 @@ def test_error_body_escapes_quotes_and_control_characters():
     assert json.loads(body)["error_msg"] == f"400 Bad Request: {message}"
 
 
-# -- headers -----------------------------------------------------------------------------------
+# -- headers -------------------------------------------------------------------------------
 
 
 def test_encode_headers_writes_one_crlf_line_per_header_in_order():
@@ -165,7 +173,7 @@ def test_connection_scoped_headers_are_hop_by_hop():
     assert b"host" not in HOP_BY_HOP
 
 
-# -- limits ---------------------------------------------------------------------------------------
+# -- limits --------------------------------------------------------------------------------
 
 
 def test_limits_accept_what_rfc_9112_asks_servers_to_accept():

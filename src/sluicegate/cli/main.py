@@ -163,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return ExitCode.INVALID_CONFIG
     if not _check_available(validated):
         return ExitCode.NOT_AVAILABLE
-    workers = args.workers or validated.config.gateway.workers
+    workers = args.workers if args.workers is not None else validated.config.gateway.workers
     if workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return ExitCode.USAGE

@@ -62,7 +62,9 @@ def validate_config(data: dict[str, Any]) -> ValidatedConfig:
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(validation_errors("", exc)) from None
+        # Report what else is wrong too (references, plugin options), from the raw data:
+        # one run of `validate` should list every problem.
+        raise ConfigError(validation_errors("", exc) + _raw_errors(data)) from None
     errors: list[str] = []
     warnings: list[str] = []
     _check_unique_ids(config, errors)
@@ -174,3 +176,30 @@ def _check_route_addresses(route: RouteConfig, path: str, errors: list[str]) -> 
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             errors.append(f"{path}.remote_addrs[{index}]: {cidr!r} is not an IP or CIDR")
+
+
+def _items(data: dict[str, Any], kind: str) -> list[tuple[int, dict[str, Any]]]:
+    section = data.get(kind)
+    if not isinstance(section, list):
+        return []
+    return [(index, item) for index, item in enumerate(section) if isinstance(item, dict)]
+
+
+def _raw_errors(data: dict[str, Any]) -> list[str]:
+    """Reference and plugin errors found in a config that failed the schema, best effort."""
+    errors: list[str] = []
+    upstream_ids = {str(item.get("id")) for _, item in _items(data, "upstreams")}
+    service_ids = {str(item.get("id")) for _, item in _items(data, "services")}
+    for kind in ("routes", "services", "global_rules"):
+        for index, item in _items(data, kind):
+            path = f"{kind}[{index}]"
+            for key, known, what in (("upstream_id", upstream_ids, "upstream"),
+                                       ("service_id", service_ids, "service")):
+                target = item.get(key)
+                if target is not None and kind != "global_rules" and str(target) not in known:
+                    errors.append(f"{path}.{key}: no {what} {str(target)!r}")
+            plugins = item.get("plugins")
+            if isinstance(plugins, dict):
+                for name, conf in plugins.items():
+                    errors += validate_plugin(str(name), conf, f"{path}.plugins.{name}")[2]
+    return errors

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -59,7 +60,9 @@ class UpstreamNodeConfig(Strict):
     priority: int = 0
 
 
-def _split_host_port(text: str) -> tuple[str, int]:
+def _split_host_port(text: str) -> tuple[str, int | str]:
+    """`host:port` / `[v6]:port` / `host`; a port that is not a number is returned as
+    text for the field validator to reject with its path."""
     if text.startswith("["):  # [v6]:port
         host, _, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
@@ -69,9 +72,7 @@ def _split_host_port(text: str) -> tuple[str, int]:
             host, port_text = text, ""
     if not port_text:
         return host, 80
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"bad port in node address {text!r}")
-    return host, int(port_text)
+    return host, int(port_text) if port_text.isdigit() else port_text
 
 
 class UpstreamConfig(Strict):
@@ -99,10 +100,14 @@ class UpstreamConfig(Strict):
     def _nodes_from_map(cls, value: Any) -> Any:
         # APISIX accepts {"host:port": weight} as well as a list of node objects.
         if isinstance(value, dict):
-            nodes = []
+            nodes, problems = [], []
             for address, weight in value.items():
                 host, port = _split_host_port(str(address))
+                if not isinstance(port, int) or not 1 <= port <= 65535:
+                    problems.append(f"{str(address)!r} (port must be a number 1-65535)")
                 nodes.append({"host": host, "port": port, "weight": weight})
+            if problems:  # every bad key at once, named as the user wrote it
+                raise ValueError(f"bad node address {', '.join(problems)}")
             return nodes
         return value
 
@@ -212,28 +217,24 @@ class PluginEntry(Strict):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+def _check_listen(address: str) -> str:
+    parse_listen(address)
+    return address
+
+
+ListenAddress = Annotated[str, AfterValidator(_check_listen)]
+
+
 class GatewaySettings(Strict):
     """Where sluicegate listens and how it runs."""
 
-    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:9080"], min_length=1)
-    metrics_listen: str = "127.0.0.1:9091"
+    listen: list[ListenAddress] = Field(default_factory=lambda: ["0.0.0.0:9080"],
+                                        min_length=1)
+    metrics_listen: ListenAddress = "127.0.0.1:9091"
     workers: int = Field(1, ge=1, le=256)
     drain_timeout: float = Field(10.0, ge=0, le=3600)
     client_header_timeout: float = Field(60.0, gt=0, le=3600)
     keepalive_timeout: float = Field(60.0, ge=0, le=86_400)
-
-    @field_validator("listen")
-    @classmethod
-    def _listen_shape(cls, value: list[str]) -> list[str]:
-        for address in value:
-            parse_listen(address)
-        return value
-
-    @field_validator("metrics_listen")
-    @classmethod
-    def _metrics_shape(cls, value: str) -> str:
-        parse_listen(value)
-        return value
 
 
 def parse_listen(address: str) -> tuple[str, int]:

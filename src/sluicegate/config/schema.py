@@ -6,6 +6,7 @@ own schema, so an editor completes and checks plugin options too.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from sluicegate.config.model import GatewayConfig
@@ -24,8 +25,9 @@ def config_json_schema() -> dict[str, Any]:
         for key, value in plugin_schema.pop("$defs", {}).items():
             definitions.setdefault(key, value)
         plugin_schema.setdefault("properties", {})["_meta"] = {"$ref": "#/$defs/PluginMeta"}
-        plugin_schema["description"] = (cls.__doc__ or "").strip().split("\n")[0] or \
-            plugin_schema.get("description", "")
+        module_doc = sys.modules[cls.__module__].__doc__ or ""
+        plugin_schema["description"] = " ".join(
+            (cls.__doc__ or module_doc).strip().split("\n\n")[0].split())
         definitions[f"plugin-{name}"] = plugin_schema
         plugin_properties[name] = {"$ref": f"#/$defs/plugin-{name}"}
     definitions["PluginMeta"] = PluginMeta.model_json_schema()
@@ -33,6 +35,17 @@ def config_json_schema() -> dict[str, Any]:
                   "additionalProperties": False}
     for model in ("RouteConfig", "ServiceConfig", "GlobalRuleConfig"):
         definitions[model]["properties"]["plugins"] = plugin_map
+    # What validators accept beyond the field types: nodes as a {"host:port": weight} map,
+    # and ids written as YAML integers.
+    nodes = definitions["UpstreamConfig"]["properties"]["nodes"]
+    definitions["UpstreamConfig"]["properties"]["nodes"] = {
+        "anyOf": [nodes, {"type": "object", "minProperties": 1,
+                          "additionalProperties": {"type": "integer", "minimum": 0}}],
+        "description": 'a list of {host, port, weight}, or {"host:port": weight}'}
+    for definition in definitions.values():
+        for name, field in definition.get("properties", {}).items():
+            if name in ("id", "upstream_id", "service_id") and "anyOf" in field:
+                field["anyOf"].append({"type": "integer", "minimum": 0})
     entry = definitions["PluginEntry"]
     entry["properties"]["name"]["enum"] = sorted(registry)
     return schema
