@@ -1,0 +1,549 @@
+#!/usr/bin/env python3
+"""Helpers of bench/http_proxy.sh (stdlib only, Linux /proc).
+
+    summarize.py snap FILE
+        /proc snapshot: per-CPU counters of /proc/stat, utime+stime (and reaped children's)
+        of every process with its parent and process group.
+    summarize.py cpu BEFORE AFTER ROOT_PID LOAD_CPU PROXY_CPU PROXY_PGID
+        JSON accounting of the window between two snapshots: busy/steal % per CPU, CPU
+        seconds of the proxy's process group (PROXY_PGID, 0 = none), and "foreign" CPU:
+        what processes that are neither descendants of ROOT_PID (the bench script) nor
+        kernel threads used, in % of one CPU.
+    summarize.py quiet ROOT_PID MAX_PCT TIMEOUT
+        Wait until a 1-second window has at most MAX_PCT foreign CPU (exit 1 on timeout).
+    summarize.py keep BASE N
+        Of BASE.try1..N.{txt,cpu.json}, keep the attempt with the least foreign CPU as
+        BASE.txt / BASE.cpu.json; prints a one-line result.
+    summarize.py table OUT
+        The Markdown result table of a run directory (medians over runs, ratios, targets).
+    summarize.py profile FILE.folded [TOP] [WRK_OUTPUT]
+        Top self-time / inclusive frames of a py-spy raw (folded) profile, as Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+LABELS = {
+    "direct": "direct (backend)",
+    "nginx": "nginx proxy",
+    "haproxy": "haproxy http",
+    "aiohttp": "aiohttp proxy (uvloop)",
+    "sluicegate": "sluicegate, no plugins",
+    "sluicegate_auth": "sluicegate, key-auth + prometheus",
+}
+# (case, reference case, minimum ratio of req/s)
+TARGETS = [
+    ("sluicegate", "nginx", 0.5),
+    ("sluicegate", "aiohttp", 3.0),
+    ("sluicegate_auth", "nginx", 0.4),
+]
+
+
+# ------------------------------------------------------------------ /proc accounting
+def snap() -> dict:
+    cpus = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                parts = line.split()
+                cpus[parts[0]] = [int(x) for x in parts[1:9]]
+    procs = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        rest = stat[stat.rindex(")") + 2:].split()
+        # rest: 0 state, 1 ppid, 2 pgrp, 11 utime, 12 stime, 13 cutime, 14 cstime
+        procs[pid] = {"comm": comm, "ppid": rest[1], "pgid": rest[2],
+                      "u": int(rest[11]), "s": int(rest[12]),
+                      "t": int(rest[11]) + int(rest[12]), "ct": int(rest[13]) + int(rest[14])}
+    return {"cpus": cpus, "procs": procs}
+
+
+def _descendants(procs: dict, root: str) -> set[str]:
+    children: dict[str, list[str]] = {}
+    for pid, p in procs.items():
+        children.setdefault(p["ppid"], []).append(pid)
+    seen, stack = set(), [root]
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.add(pid)
+            stack.extend(children.get(pid, []))
+    return seen
+
+
+def _used(before: dict, after: dict, pids: set[str]) -> dict[str, int]:
+    """Ticks used inside the window by `pids`, including children they reaped in it."""
+    used = {}
+    for pid in pids:
+        a, b = after["procs"].get(pid), before["procs"].get(pid)
+        if a is None:
+            continue
+        used[pid] = (a["t"] + a["ct"]) - (b["t"] + b["ct"] if b else 0)
+    # A child reaped in the window adds its whole life to the reaper's cutime/cstime:
+    # take back what it had used before the window.
+    for pid in pids:
+        b = before["procs"].get(pid)
+        if b is not None and pid not in after["procs"]:
+            reaper = b["ppid"]
+            for _ in range(16):
+                if reaper in used or reaper not in before["procs"]:
+                    break
+                reaper = before["procs"][reaper]["ppid"]
+            key = reaper if reaper in used else "?"
+            used[key] = used.get(key, 0) - (b["t"] + b["ct"])
+    return used
+
+
+def cpu_window(before: dict, after: dict, root: str, load_cpu: str, proxy_cpu: str,
+               proxy_pgid: str) -> dict:
+    out: dict = {"cpus": {}}
+    spans, busy_ticks = [], 0
+    for name, a in after["cpus"].items():
+        b = before["cpus"].get(name)
+        if not b:
+            continue
+        # user nice system idle iowait irq softirq steal
+        d = [x - y for x, y in zip(a, b, strict=True)]
+        total = sum(d)
+        if total <= 0:
+            continue
+        spans.append(total)
+        busy_ticks += d[0] + d[1] + d[2]
+        busy = 100.0 * (total - d[3] - d[4] - d[7]) / total
+        out["cpus"][name] = {"busy": round(busy, 1), "steal": round(100.0 * d[7] / total, 1),
+                             "softirq": round(100.0 * d[6] / total, 1)}
+    per_cpu = sum(spans) / len(spans) if spans else 1
+    out["window_s"] = per_cpu / HZ
+    out["load_busy"] = out["cpus"].get(f"cpu{load_cpu}", {}).get("busy")
+    out["proxy_busy"] = out["cpus"].get(f"cpu{proxy_cpu}", {}).get("busy")
+    out["steal_max"] = max((c["steal"] for c in out["cpus"].values()), default=0.0)
+
+    procs = {**before["procs"], **after["procs"]}
+    kernel = {pid for pid, p in procs.items() if pid == "2" or p["ppid"] == "2"}
+    mine = _descendants(before["procs"], root) | _descendants(after["procs"], root)
+    others = set(procs) - mine - kernel
+    mine_t = sum(_used(before, after, mine).values())
+    kernel_t = sum(_used(before, after, kernel).values())
+    other_use = _used(before, after, others)
+    # Foreign CPU, the larger of two estimates: the other processes' own counters, and the
+    # /proc/stat process time nobody of ours explains (sees short-lived processes too).
+    direct = sum(other_use.values())
+    unexplained = busy_ticks - mine_t - kernel_t
+    out["foreign_pct"] = round(max(0.0, 100.0 * max(direct, unexplained) / per_cpu), 1)
+    top = sorted(((u, pid) for pid, u in other_use.items() if u > 0), reverse=True)[:3]
+    out["foreign_top"] = [f"{procs.get(pid, {}).get('comm', '?')}:{pid} "
+                          f"{100.0 * u / per_cpu:.1f}%" for u, pid in top]
+    out["mine_pct"] = round(100.0 * mine_t / per_cpu, 1)
+    out["kernel_threads_pct"] = round(100.0 * kernel_t / per_cpu, 1)
+
+    if proxy_pgid not in ("", "0"):
+        group = {pid for pid, p in procs.items() if p["pgid"] == proxy_pgid}
+        out["proxy_cpu_s"] = sum(_used(before, after, group).values()) / HZ
+        for key in ("u", "s"):   # user / system split of the group's own (not reaped) time
+            out[f"proxy_{'user' if key == 'u' else 'sys'}_s"] = sum(
+                after["procs"][p][key] - before["procs"].get(p, {}).get(key, 0)
+                for p in group if p in after["procs"]) / HZ
+        out["proxy_procs"] = sorted(f"{procs[p]['comm']}:{p}" for p in group)
+    else:
+        out["proxy_cpu_s"] = None
+    return out
+
+
+def quiet(root: str, max_pct: float, timeout: float) -> int:
+    """Wait (up to `timeout` s) for a 1-second window in which foreign CPU ≤ `max_pct`."""
+    import time
+
+    start = time.monotonic()
+    while True:
+        before = snap()
+        time.sleep(1.0)
+        foreign = cpu_window(before, snap(), root, "0", "0", "0")["foreign_pct"]
+        waited = time.monotonic() - start
+        if foreign <= max_pct:
+            if waited > 1.5:
+                print(f"    quiet after {waited:.0f} s (other procs {foreign:.0f}% CPU)",
+                      file=sys.stderr)
+            return 0
+        if waited >= timeout:
+            print(f"    not quiet after {waited:.0f} s (other procs {foreign:.0f}% CPU); "
+                  "measuring anyway", file=sys.stderr)
+            return 1
+
+
+# ------------------------------------------------------------------ wrk output
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    return float(m.group(1)) * _UNIT[m.group(2)] if m else float("nan")
+
+
+def parse_wrk(path: Path) -> dict:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    r: dict = {"rps": None, "requests": None, "p50": None, "p99": None, "non2xx": 0,
+               "sock_errors": {}, "notes": []}
+    if m := re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M):
+        r["rps"] = float(m.group(1))
+    if m := re.search(r"^\s+(\d+) requests in ([\d.]+)(\w+),", text, re.M):
+        r["requests"] = int(m.group(1))
+    for pct in ("50", "99"):
+        if m := re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", text, re.M):
+            r[f"p{pct}"] = _ms(m.group(1))
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", text):
+        r["non2xx"] = int(m.group(1))
+    sock = r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
+    if m := re.search(sock, text):
+        kinds = ("connect", "read", "write", "timeout")
+        r["sock_errors"] = {k: int(v) for k, v in zip(kinds, m.groups(), strict=True) if int(v)}
+    r["notes"] = [line[6:] for line in text.splitlines() if line.startswith("NOTE: ")]
+    return r
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def keep(base: str, attempts: int) -> None:
+    best, best_f = 1, float("inf")
+    for i in range(1, attempts + 1):
+        w = parse_wrk(Path(f"{base}.try{i}.txt"))
+        f = _load_json(Path(f"{base}.try{i}.cpu.json")).get("foreign_pct", 0.0)
+        if w["rps"] is None or any("wrk exited" in n for n in w["notes"]):
+            f = 1e9
+        if f < best_f:
+            best, best_f = i, f
+    shutil.copyfile(f"{base}.try{best}.txt", f"{base}.txt")
+    cpu = _load_json(Path(f"{base}.try{best}.cpu.json"))
+    cpu.update(attempts=attempts, kept=best)
+    Path(f"{base}.cpu.json").write_text(json.dumps(cpu, indent=1))
+    w = parse_wrk(Path(f"{base}.txt"))
+    us = _us_per_req(w, cpu)
+    print(f"    {_fmt_rps(w['rps'])} req/s  p50 {_fmt_ms(w['p50'])} ms  p99 {_fmt_ms(w['p99'])} ms"
+          f"  proxy {us if us is None else round(us, 1)} us/req"
+          f"  cpu load/proxy {cpu.get('load_busy')}/{cpu.get('proxy_busy')}%"
+          f"  foreign {cpu.get('foreign_pct')}%" + (f"  (attempt {best} of {attempts})"
+                                                    if attempts > 1 else ""))
+
+
+def _us_per_req(w: dict, cpu: dict) -> float | None:
+    if not w.get("requests") or cpu.get("proxy_cpu_s") is None:
+        return None
+    return cpu["proxy_cpu_s"] * 1e6 / w["requests"]
+
+
+def _split_us_per_req(w: dict, cpu: dict) -> tuple[float, float] | None:
+    if not w.get("requests") or cpu.get("proxy_user_s") is None:
+        return None
+    return (cpu["proxy_user_s"] * 1e6 / w["requests"], cpu["proxy_sys_s"] * 1e6 / w["requests"])
+
+
+def _core_us_per_req(w: dict, cpu: dict) -> float | None:
+    if not w.get("requests") or cpu.get("proxy_busy") is None:
+        return None
+    return cpu["proxy_busy"] / 100.0 * cpu["window_s"] * 1e6 / w["requests"]
+
+
+# ------------------------------------------------------------------ table
+def _fmt_rps(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def _fmt_ms(v: float | None) -> str:
+    if v is None or v != v:
+        return "-"
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:,.0f}"
+
+
+def _fmt_ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x" if v >= 0.1 else f"{v:.3f}x"
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None and v == v]
+    return statistics.median(values) if values else None
+
+
+def _meta(out: Path) -> dict[str, str]:
+    meta = {}
+    for line in (out / "meta.txt").read_text().splitlines() if (out / "meta.txt").exists() else []:
+        key, _, value = line.partition(": ")
+        meta[key] = value
+    return meta
+
+
+def table(out: Path) -> str:
+    meta = _meta(out)
+    cases = meta.get("cases", " ".join(LABELS)).split()
+    skipped = {}
+    if (out / "skipped.tsv").exists():
+        for line in (out / "skipped.tsv").read_text().splitlines():
+            case, _, reason = line.partition("\t")
+            skipped.setdefault(case, reason)
+    runs = sorted({int(m.group(1)) for p in (out / "runs").glob("r*_*.txt")
+                   if (m := re.match(r"r(\d+)_.*\.txt$", p.name)) and ".try" not in p.name})
+    rows: dict[str, dict] = {}
+    detail = []
+    for case in cases:
+        per = []
+        for run in runs:
+            base = out / "runs" / f"r{run}_{case}"
+            if not base.with_suffix(".txt").exists():
+                continue
+            w = parse_wrk(base.with_suffix(".txt"))
+            cpu = _load_json(Path(f"{base}.cpu.json"))
+            split = _split_us_per_req(w, cpu)
+            w.update(us=_us_per_req(w, cpu), core_us=_core_us_per_req(w, cpu),
+                     usr_us=split[0] if split else None, sys_us=split[1] if split else None,
+                     load_busy=cpu.get("load_busy"), proxy_busy=cpu.get("proxy_busy"),
+                     foreign=cpu.get("foreign_pct"), attempts=cpu.get("attempts", 1),
+                     steal=cpu.get("steal_max"), run=run)
+            per.append(w)
+            detail.append((case, w))
+        if per:
+            rows[case] = {
+                "rps": _median([w["rps"] for w in per]),
+                "runs": [w["rps"] for w in per],
+                "p50": _median([w["p50"] for w in per]),
+                "p99": _median([w["p99"] for w in per]),
+                "us": _median([w["us"] for w in per]),
+                "core_us": _median([w["core_us"] for w in per]),
+                "usr_us": _median([w["usr_us"] for w in per]),
+                "sys_us": _median([w["sys_us"] for w in per]),
+                "load_busy": _median([w["load_busy"] for w in per]),
+                "proxy_busy": _median([w["proxy_busy"] for w in per]),
+                "non2xx": sum(w["non2xx"] for w in per),
+                "sock": sum(sum(w["sock_errors"].values()) for w in per),
+                "sock_detail": [w["sock_errors"] for w in per if w["sock_errors"]],
+                "foreign_max": max((w["foreign"] or 0) for w in per),
+                "retried": sum(1 for w in per if (w["attempts"] or 1) > 1),
+                "notes": sorted({n for w in per for n in w["notes"]}),
+            }
+
+    def ratio(case: str, ref: str) -> float | None:
+        a, b = rows.get(case, {}).get("rps"), rows.get(ref, {}).get("rps")
+        return a / b if a and b else None
+
+    lines = [
+        f"## HTTP proxy benchmark ({meta.get('date', '?')})",
+        "",
+        f"{meta.get('load', '')}; {len(runs)} interleaved run(s), medians shown. "
+        f"Pinning: wrk + backend on CPU {_setting(meta, 'LOAD_CPU')}, proxy on CPU "
+        f"{_setting(meta, 'PROXY_CPU')}. {meta.get('cpu', '')}. "
+        f"sluicegate code: {meta.get('sluicegate_code', '?')}.",
+        "",
+        "| case | req/s | runs (req/s) | p50 ms | p99 ms | proxy µs/req (usr+sys) | core µs/req "
+        "| CPU% load/proxy | vs nginx | vs nginx, CPU | vs aiohttp | notes |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for case in cases:
+        if case not in rows:
+            lines.append(f"| {LABELS.get(case, case)} | - | - | - | - | - | - | - | - | - | - | "
+                         f"skipped: {skipped.get(case, 'no result')} |")
+            continue
+        r = rows[case]
+        notes = []
+        if r["non2xx"]:
+            notes.append(f"{r['non2xx']:,} non-2xx")
+        if r["sock"]:
+            notes.append(f"socket errors {r['sock_detail']}")
+        if r["foreign_max"] > 2:
+            notes.append(f"other procs ≤{r['foreign_max']:.0f}% CPU")
+        if r["retried"]:
+            notes.append(f"{r['retried']} run(s) re-measured (noise)")
+        notes += r["notes"]
+        if case in skipped and len(r["runs"]) < len(runs):
+            notes.append(f"only {len(r['runs'])} of {len(runs)} runs: {skipped[case]}")
+        us = "-" if r["us"] is None or case == "direct" else f"{r['us']:.1f}"
+        if us != "-" and r["usr_us"] is not None:
+            us += f" ({r['usr_us']:.1f}+{r['sys_us']:.1f})"
+        core = "-" if r["core_us"] is None or case == "direct" else f"{r['core_us']:.1f}"
+        busy = (f"{r['load_busy']:.0f}/{r['proxy_busy']:.0f}"
+                if r["load_busy"] is not None and r["proxy_busy"] is not None else "-")
+        vs_aio = _fmt_ratio(ratio(case, "aiohttp")) if case.startswith("sluicegate") else "-"
+        ref_us = rows.get("nginx", {}).get("us")
+        cpu_ratio = _fmt_ratio(ref_us / r["us"]) if ref_us and r["us"] and case != "direct" else "-"
+        lines.append(
+            f"| {LABELS.get(case, case)} | {_fmt_rps(r['rps'])} | "
+            f"{' / '.join(_fmt_rps(v) for v in r['runs'])} | {_fmt_ms(r['p50'])} | "
+            f"{_fmt_ms(r['p99'])} | {us} | {core} | {busy} | {_fmt_ratio(ratio(case, 'nginx'))} "
+            f"| {cpu_ratio} "
+            f"| {vs_aio} | {'; '.join(notes)} |")
+    lines += ["", "`vs nginx` = req/s ratio of the medians; `vs nginx, CPU` = nginx's proxy µs/req "
+              "÷ this row's (the throughput ratio if both were limited by their own CPU only).",
+              "", "Targets (req/s ratios of the medians):", ""]
+    noise_max = float(_setting(meta, "NOISE_MAX").replace("?", "10"))
+    for case, ref, minimum in TARGETS:
+        got = ratio(case, ref)
+        verdict = "not measured" if got is None else ("met" if got >= minimum else "NOT met")
+        line = (f"- {LABELS[case]} ≥ {minimum}x {LABELS[ref]}: "
+                f"{'-' if got is None else f'{got:.2f}x'} — {verdict}")
+        us, ref_us = rows.get(case, {}).get("us"), rows.get(ref, {}).get("us")
+        if us and ref_us:
+            line += f" (by proxy CPU per request: {ref_us / us:.2f}x)"
+        noisy = [LABELS[c] for c in (case, ref)
+                 if rows.get(c, {}).get("foreign_max", 0) > noise_max]
+        if noisy:
+            line += (f"; caution: {' and '.join(noisy)} kept a window with more than "
+                     f"{noise_max:.0f}% foreign CPU: its req/s may be depressed")
+        lines.append(line)
+    lines += ["", "Per run (kept attempt of each measurement):", "",
+              "| run | case | req/s | p50 ms | p99 ms | proxy µs/req | CPU% load/proxy "
+              "| other procs % | attempts |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for case, w in sorted(detail, key=lambda cw: (cw[1]["run"], cases.index(cw[0]))):
+        us = "-" if w["us"] is None else f"{w['us']:.1f}"
+        lines.append(
+            f"| {w['run']} | {case} | {_fmt_rps(w['rps'])} | {_fmt_ms(w['p50'])} | "
+            f"{_fmt_ms(w['p99'])} | {us} | {w['load_busy']}/{w['proxy_busy']} | "
+            f"{w['foreign']} | {w['attempts']} |")
+    return "\n".join(lines)
+
+
+def _setting(meta: dict, key: str) -> str:
+    m = re.search(rf"\b{key}=(\S+)", meta.get("settings", ""))
+    return m.group(1) if m else "?"
+
+
+# ------------------------------------------------------------------ py-spy profile
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
+_MARKERS = ("site-packages/", "/src/", "lib/python3.11/")
+
+
+def _short_path(path: str) -> str:
+    for marker in _MARKERS:
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+def _per_function(frame: str) -> str:
+    """`func (path/to/file.py:123)` -> `func (file.py)`."""
+    m = _FRAME.match(frame.strip())
+    return f"{m.group('func')} ({_short_path(m.group('file'))})" if m else frame.strip()
+
+
+def _per_line(frame: str) -> str:
+    m = _FRAME.match(frame.strip())
+    if not m:
+        return frame.strip()
+    line = f":{m.group('line')}" if m.group("line") else ""
+    return f"{m.group('func')} ({_short_path(m.group('file'))}{line})"
+
+
+def _source(frame: str, roots: list[str]) -> str:
+    """The source line a `func (file:line)` frame points at, if the file is found."""
+    m = _FRAME.match(frame)
+    if not m or not m.group("line"):
+        return ""
+    rel = m.group("file")
+    for candidate in [rel] + [os.path.join(r, rel) for r in roots]:
+        try:
+            with open(candidate, errors="replace") as f:
+                for i, text in enumerate(f, 1):
+                    if i == int(m.group("line")):
+                        return text.strip().replace("|", "\\|")[:90]
+        except OSError:
+            continue
+    return ""
+
+
+def profile(path: Path, top: int = 25, wrk_path: Path | None = None) -> str:
+    """Self time per source line (where the CPU went) and inclusive time per function."""
+    self_line: Counter[str] = Counter()
+    self_func: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for raw in path.read_text(errors="replace").splitlines():
+        stack, _, count = raw.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += n
+        self_line[_per_line(frames[-1])] += n
+        self_func[_per_function(frames[-1])] += n
+        for f in {_per_function(f) for f in frames}:
+            incl[f] += n
+    total = total or 1
+    roots = [r for r in os.environ.get("PROFILE_SRC", "").split(":") if r]
+    case = path.name.removesuffix(".folded")
+    rate, secs = os.environ.get("PROFILE_RATE"), os.environ.get("PROFILE_SECONDS")
+    head = f"### py-spy profile: {LABELS.get(case, case)} — {total:,} non-idle samples"
+    if rate and secs:
+        head += f" of {int(rate) * int(secs):,} ({secs} s at {rate} Hz)"
+    if wrk_path is not None and wrk_path.exists():
+        head += f"; wrk meanwhile: {_fmt_rps(parse_wrk(wrk_path)['rps'])} req/s"
+    lines = [head, "",
+             f"Top {top} by self time, per source line. Without --native, time in C code is "
+             "charged to the Python line that called it (e.g. a `transport.write` line includes "
+             "the send syscall and the loopback TCP stack); `Runner.run` self time is the "
+             "uvloop event loop itself (epoll, socket reads, callback dispatch).", "",
+             "| # | self % | frame | source |", "|---:|---:|---|---|"]
+    for i, (frame, n) in enumerate(self_line.most_common(top), 1):
+        src = _source(frame, roots)
+        lines.append(f"| {i} | {100.0 * n / total:.1f} | `{frame}` | "
+                     f"{f'`{src}`' if src else ''} |")
+    lines += ["", "Self time per function (top 10):", "", "| self % | incl % | function |",
+              "|---:|---:|---|"]
+    for frame, n in self_func.most_common(10):
+        lines.append(f"| {100.0 * n / total:.1f} | {100.0 * incl[frame] / total:.1f} "
+                     f"| `{frame}` |")
+    lines += ["", "Inclusive time per function (top 15):", "", "| incl % | self % | function |",
+              "|---:|---:|---|"]
+    for frame, n in incl.most_common(15):
+        lines.append(f"| {100.0 * n / total:.1f} | {100.0 * self_func[frame] / total:.1f} "
+                     f"| `{frame}` |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ main
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "snap":
+        Path(argv[1]).write_text(json.dumps(snap()))
+        return 0
+    if len(argv) == 7 and argv[0] == "cpu":
+        before = json.loads(Path(argv[1]).read_text())
+        after = json.loads(Path(argv[2]).read_text())
+        print(json.dumps(cpu_window(before, after, *argv[3:7]), indent=1))
+        return 0
+    if len(argv) == 4 and argv[0] == "quiet":
+        return quiet(argv[1], float(argv[2]), float(argv[3]))
+    if len(argv) == 3 and argv[0] == "keep":
+        keep(argv[1], int(argv[2]))
+        return 0
+    if len(argv) == 2 and argv[0] == "table":
+        print(table(Path(argv[1])))
+        return 0
+    if 2 <= len(argv) <= 4 and argv[0] == "profile":
+        print(profile(Path(argv[1]), int(argv[2]) if len(argv) > 2 else 25,
+                      Path(argv[3]) if len(argv) > 3 else None))
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
