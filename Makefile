@@ -3,8 +3,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Debian packages the tests need: nginx (test backend), promtool (metrics lint), curl.
-TEST_PACKAGES := nginx-light prometheus curl
+# Debian packages the tests need: nginx (test backend), promtool (metrics lint), curl,
+# nftables + iproute2 (TPROXY interception in test namespaces), iperf3 (stream tests).
+TEST_PACKAGES := nginx-light prometheus curl nftables iproute2 iperf3
 BENCH_PACKAGES := nginx-light haproxy wrk curl
 
 .PHONY: run test venv deps lint bench clean

@@ -21,6 +21,8 @@ from typing import Any
 from sluicegate.config.load import ValidatedConfig
 from sluicegate.config.model import parse_listen
 from sluicegate.http.snapshot import compile_snapshot
+from sluicegate.intercept.entries import InterceptionOwner, intercept_entries
+from sluicegate.intercept.tproxy import InterceptError
 from sluicegate.observe.exposition import serve_metrics
 from sluicegate.observe.metrics import merge_snapshots
 from sluicegate.plugins.base import PluginEnv
@@ -104,6 +106,21 @@ class Supervisor:
         if any(w.process.poll() is not None for w in self.workers.values()):
             log.error("a worker failed to start; stopping")
             stop.set()
+        # The supervisor outlives its workers: it owns the interception rules.
+        owner = InterceptionOwner(intercept_entries(self.validated.config))
+        try:
+            if not stop.is_set():
+                owner.install()
+            return await self._serve(stop)
+        except InterceptError as exc:
+            log.error("cannot intercept: %s", exc)
+            self._forward(signal.SIGTERM)
+            await asyncio.gather(*(self._wait(w, STOP_GRACE) for w in self.workers.values()))
+            return 4
+        finally:
+            owner.remove()
+
+    async def _serve(self, stop: asyncio.Event) -> int:
         settings = self.validated.config.gateway
         snapshot = compile_snapshot(self.validated.config, PluginEnv())
         metrics_server = None

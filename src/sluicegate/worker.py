@@ -21,6 +21,9 @@ from sluicegate.config.model import parse_listen
 from sluicegate.http.clock import CLOCK
 from sluicegate.http.server import HttpServer
 from sluicegate.http.snapshot import Snapshot, compile_snapshot
+from sluicegate.intercept.entries import InterceptEntry, InterceptionOwner, intercept_entries
+from sluicegate.intercept.sockets import transparent_listener
+from sluicegate.intercept.tproxy import InterceptError
 from sluicegate.observe.exposition import serve_metrics
 from sluicegate.observe.metrics import MetricsStore
 from sluicegate.plugins.base import PluginEnv
@@ -51,7 +54,8 @@ class Worker:
 
     def __init__(self, config_path: str | Path | None, validated: ValidatedConfig,
                  reuse_port: bool = False, control: socket.socket | None = None,
-                 index: int = 0) -> None:
+                 index: int = 0, owns_interception: bool = True) -> None:
+        self.owns_interception = owns_interception
         self.config_path = config_path
         self.validated = validated
         self.reuse_port = reuse_port
@@ -81,6 +85,37 @@ class Worker:
         for address in snapshot.config.gateway.listen:
             host, port = parse_listen(address)
             await server.listen(host, port, self.reuse_port)
+        entries = intercept_entries(snapshot.config)
+        await self._listen_for_entries(entries)
+        # Rules after listeners: nothing is captured before a socket can take it.
+        owner = InterceptionOwner(entries) if self.owns_interception else None
+        try:
+            if owner is not None:
+                owner.install()
+            return await self._serve(snapshot)
+        except InterceptError as exc:
+            log.error("cannot intercept: %s", exc)
+            await server.drain(0)
+            return 4
+        finally:
+            if owner is not None:
+                owner.remove()
+            CLOCK.stop()
+
+    async def _listen_for_entries(self, entries: list[InterceptEntry]) -> None:
+        assert self.server is not None
+        for entry in entries:
+            for host in entry.listen_hosts:
+                if entry.spec is None:
+                    await self.server.listen(host, entry.port, self.reuse_port, scope=entry.scope)
+                else:
+                    sock = transparent_listener(host, entry.port, "tcp",
+                                                reuse_port=self.reuse_port)
+                    await self.server.listen_socket(sock, entry.scope, "tproxy")
+
+    async def _serve(self, snapshot: Snapshot) -> int:
+        server = self.server
+        assert server is not None and self.stopping is not None
         metrics_server = None
         if self.control is None and snapshot.metrics_enabled:
             host, port = parse_listen(snapshot.config.gateway.metrics_listen)
@@ -100,7 +135,6 @@ class Worker:
         from sluicegate.observe.access_log import flush_all
 
         flush_all()
-        CLOCK.stop()
         log.info("worker %d stopped%s", self.index, "" if clean else " (drain timed out)")
         return 0
 
@@ -121,6 +155,12 @@ class Worker:
             return
         if snapshot.unavailable:
             log.error("config reload rejected: %s", "; ".join(snapshot.unavailable))
+            return
+        if intercept_entries(snapshot.config) != intercept_entries(self.server.snapshot.config):
+            # Listeners and kernel rules are set up at start; swapping them live is not
+            # built yet, and applying the rest alone would be a half-applied config.
+            log.error("config reload rejected: the tproxy (interception) entries changed; "
+                      "restart sluicegate to apply them")
             return
         old = self.server.snapshot.config.gateway
         if snapshot.config.gateway.listen != old.listen:

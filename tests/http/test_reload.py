@@ -124,7 +124,10 @@ def test_reload_with_invalid_yaml_keeps_serving_and_names_the_line(nginx, start_
     assert gateway.process.poll() is None
 
 
-def test_reload_adding_an_unavailable_plugin_is_rejected_whole(nginx, echo, start_gateway):
+def test_reload_adding_interception_is_rejected_whole_until_restart(nginx, echo,
+                                                                     start_gateway):
+    # Listeners and kernel rules are set up at start: a reload that changes them is
+    # refused whole (the echo route that came with it is not applied either).
     gateway = start_gateway({"routes": [nginx_route(nginx)]})
     config = with_routes(gateway, nginx_route(nginx), echo_route(echo), plugins=[
         {"name": "tproxy", "config": {"listen": "127.0.0.1:1", "tproxy": True}}])

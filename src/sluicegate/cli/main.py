@@ -55,6 +55,13 @@ COMMANDS = [
             ]),
     Command("schema", "print the JSON Schema of the config file (for editors)",
             "sluicegate schema > sluicegate.schema.json", "cmd_schema"),
+    Command("intercept", "show or remove the transparent interception installed in this "
+            "network namespace (nftables table `inet sluicegate`, fwmark rules, local routes)",
+            "sluicegate intercept status    # or: sluicegate intercept down", "cmd_intercept", [
+                Argument(("action",), {"choices": ["status", "down"],
+                                       "help": "status: what is installed, with counters; "
+                                               "down: remove it all (also after a crash)"}),
+            ]),
     Command("worker", "internal: one worker process started by `run --workers N`",
             "", "cmd_worker", [
                 Argument(("-c", "--config"), {"required": True}),
@@ -141,6 +148,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _check_available(validated: Any) -> bool:
+    from sluicegate.intercept.entries import intercept_entries, unsupported
     from sluicegate.plugins.base import load_plugins
 
     registry = load_plugins()
@@ -151,6 +159,9 @@ def _check_available(validated: Any) -> bool:
             print(f"error: plugins[{index}] ({entry.name}) is not available: "
                   f"{cls.unavailable_reason}", file=sys.stderr)
             ok = False
+    for line in unsupported(intercept_entries(validated.config)):
+        print(f"error: {line}", file=sys.stderr)
+        ok = False
     return ok
 
 
@@ -196,8 +207,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     control = socket.socket(fileno=args.control_fd)
     try:
         return uvloop.run(Worker(args.config, validated, reuse_port=True, control=control,
-                                 index=args.index).run())
+                                 index=args.index, owns_interception=False).run())
     except OSError as exc:
         print(f"error: worker {args.index} cannot start: {exc.strerror or exc}",
               file=sys.stderr)
         return ExitCode.RUNTIME_ERROR
+
+
+def cmd_intercept(args: argparse.Namespace) -> int:
+    from sluicegate.intercept.tproxy import InterceptError, TproxyInterceptor
+
+    interceptor = TproxyInterceptor()
+    try:
+        if args.action == "down":
+            interceptor.remove()
+            print("interception removed")
+        else:
+            print(json.dumps(interceptor.status(), indent=2, default=str))
+    except InterceptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.RUNTIME_ERROR
+    return ExitCode.OK

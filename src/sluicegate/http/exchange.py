@@ -142,7 +142,12 @@ class Exchange:
         """Route the request and run the request-phase plugins."""
         self.started = True
         ctx = self.ctx
-        route = self.snapshot.table.match(ctx.method, ctx.uri, ctx.host, ctx)
+        scope_name = self.client.scope
+        if scope_name is None:
+            route = self.snapshot.table.match(ctx.method, ctx.uri, ctx.host, ctx)
+        else:
+            scope = self.snapshot.scopes.get(scope_name)
+            route = scope.match(ctx.method, ctx.uri, ctx.host, ctx) if scope else None
         if route is None:
             # Global rules still run (APISIX), then the 404.
             self.chain = self.snapshot.global_chain
@@ -244,15 +249,31 @@ class Exchange:
             return
         self.reused = False
         self.connect_task = asyncio.get_running_loop().create_task(
-            self._connect(node, upstream.connect_timeout))
+            self._connect(node, upstream.connect_timeout, upstream.source_from_client))
 
-    async def _connect(self, node: UpstreamNode, timeout: float) -> None:
+    async def _open(self, node: UpstreamNode, from_client: bool) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         pool = self.client.server.pool
+        if not from_client:
+            _, connection = await loop.create_connection(
+                lambda: UpstreamConnection(pool, node.key), node.host, node.port)
+            return connection
+        # preserve_source: the upstream sees the client's address (IP_TRANSPARENT bind).
+        from sluicegate.intercept.sockets import transparent_connect_socket
+
+        sock = transparent_connect_socket(self.ctx.remote_addr)
         try:
-            _, connection = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(pool, node.key),
-                                       node.host, node.port), timeout)
+            await loop.sock_connect(sock, (node.host, node.port))
+            _, connection = await loop.create_connection(
+                lambda: UpstreamConnection(pool, node.key), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return connection
+
+    async def _connect(self, node: UpstreamNode, timeout: float, from_client: bool) -> None:
+        try:
+            connection = await asyncio.wait_for(self._open(node, from_client), timeout)
         except asyncio.CancelledError:
             raise
         except (TimeoutError, OSError) as exc:
@@ -274,6 +295,11 @@ class Exchange:
         assert self.route is not None
         if self.attempts <= self.route.upstream.retries:
             self.connect_upstream()
+        elif self.ctx.intercept_mode is not None and not self.route.upstream.nodes:
+            # Transparent traffic to its own destination: the client must see what it
+            # would have seen without us, a reset, not an answer from a proxy it never chose.
+            self.client.reset()
+            self.abort()
         elif timed_out:
             self.respond_error(504, "upstream connect timed out")
         else:

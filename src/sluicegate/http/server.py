@@ -8,8 +8,10 @@ accepted socket and its original destination (`HttpServer.accept_socket`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import struct
 from collections import deque
 from typing import Any
 from urllib.parse import unquote
@@ -66,6 +68,7 @@ class ClientConnection(asyncio.Protocol):
         "headers",
         "host",
         "host_count",
+        "intercept_mode",
         "last_activity",
         "lingering",
         "original_destination",
@@ -77,6 +80,7 @@ class ClientConnection(asyncio.Protocol):
         "pending_error",
         "prior_xff",
         "queue",
+        "scope",
         "server",
         "sockname",
         "te_chunked",
@@ -88,9 +92,13 @@ class ClientConnection(asyncio.Protocol):
     )
 
     def __init__(self, server: HttpServer,
-                 original_destination: tuple[str, int] | None = None) -> None:
+                 original_destination: tuple[str, int] | None = None,
+                 scope: str | None = None, intercept_mode: str | None = None) -> None:
         self.server = server
         self.original_destination = original_destination
+        # Intercepted traffic: the interception entry it came through, and how.
+        self.scope = scope
+        self.intercept_mode = intercept_mode
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
@@ -129,6 +137,9 @@ class ClientConnection(asyncio.Protocol):
         self.peer = (peer[0], peer[1]) if isinstance(peer, tuple) else ("unix", 0)
         sockname = transport.get_extra_info("sockname") or ("", 0)
         self.sockname = (sockname[0], sockname[1]) if isinstance(sockname, tuple) else ("", 0)
+        if self.intercept_mode == "tproxy" and self.original_destination is None:
+            # A TPROXY socket's local address is where the client was connecting to.
+            self.original_destination = self.sockname
         ip = self.peer[0].encode()
         self.forwarded_base = b"X-Real-IP: %s\r\nX-Forwarded-Proto: http\r\n" % ip
         self.server.connections.add(self)
@@ -259,6 +270,7 @@ class ClientConnection(asyncio.Protocol):
                              host, self.peer, self.sockname, version)
         if self.original_destination is not None:
             ctx.original_destination = self.original_destination
+            ctx.intercept_mode = self.intercept_mode
         upgrade = self.upgrade_value if parser.should_upgrade() else None
         if method == b"CONNECT":
             raise RequestRejected(405, "CONNECT is not supported")
@@ -439,6 +451,14 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def reset(self) -> None:
+        """Close with RST (SO_LINGER 0), as a host with nothing listening would."""
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.abort()
+
     def pause_reading_for(self, reason: int) -> None:
         if not self.paused and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
@@ -477,7 +497,8 @@ class HttpServer:
         """Atomically switch to a new config; in-flight requests keep the old one."""
         self.snapshot = snapshot
 
-    async def listen(self, host: str, port: int, reuse_port: bool = False) -> None:
+    async def listen(self, host: str, port: int, reuse_port: bool = False,
+                     scope: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -488,16 +509,27 @@ class HttpServer:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
         sock.setblocking(False)
-        server = await loop.create_server(lambda: ClientConnection(self), sock=sock,
-                                          backlog=4096)
+        server = await loop.create_server(lambda: ClientConnection(self, None, scope),
+                                          sock=sock, backlog=4096)
         self.servers.append(server)
 
-    def accept_socket(self, sock: socket.socket, original_destination: tuple[str, int]
+    def accept_socket(self, sock: socket.socket, original_destination: tuple[str, int],
+                      scope: str | None = None, intercept_mode: str = "ebpf"
                       ) -> asyncio.Future[Any]:
         """Entry point for interceptors: an accepted socket plus where it was going."""
         loop = asyncio.get_running_loop()
         return asyncio.ensure_future(loop.connect_accepted_socket(
-            lambda: ClientConnection(self, original_destination), sock))
+            lambda: ClientConnection(self, original_destination, scope, intercept_mode), sock))
+
+    async def listen_socket(self, sock: socket.socket, scope: str | None = None,
+                            intercept_mode: str | None = None) -> None:
+        """Serve on a listening socket made elsewhere (e.g. a TPROXY listener): every
+        connection it accepts carries its original destination and interception scope."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: ClientConnection(self, None, scope, intercept_mode), sock=sock,
+            backlog=4096)
+        self.servers.append(server)
 
     def sockets(self) -> list[socket.socket]:
         return [s for server in self.servers for s in (server.sockets or [])]

@@ -6,11 +6,17 @@ they started with. Nothing here runs per request.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from sluicegate.config.load import find_service
 from sluicegate.config.model import GatewayConfig, RouteConfig, UpstreamConfig
-from sluicegate.http.balancer import Balancer, UpstreamNode, make_balancer
+from sluicegate.http.balancer import (
+    Balancer,
+    OriginalDestinationBalancer,
+    UpstreamNode,
+    make_balancer,
+)
 from sluicegate.http.router import RouteTable
 from sluicegate.plugins.base import (
     Consumer,
@@ -30,7 +36,7 @@ class Upstream:
 
     __slots__ = ("balancer", "connect_timeout", "id", "idle_timeout", "keepalive_requests",
                  "keepalive_size", "nodes", "pass_host", "read_timeout", "retries",
-                 "send_timeout", "upstream_host")
+                 "send_timeout", "source_from_client", "upstream_host")
 
     def __init__(self, conf: UpstreamConfig, id: str) -> None:
         self.id = id
@@ -47,6 +53,18 @@ class Upstream:
         self.keepalive_size = conf.keepalive_pool.size
         self.idle_timeout = conf.keepalive_pool.idle_timeout
         self.keepalive_requests = conf.keepalive_pool.requests
+        # Intercepted traffic with preserve_source: connect from the client's own address.
+        self.source_from_client = False
+
+
+def original_destination_upstream(id: str) -> Upstream:
+    """An upstream whose node is each request's original destination (intercepted traffic
+    with no upstream configured)."""
+    upstream = Upstream(UpstreamConfig(nodes=[{"host": "0.0.0.0", "port": 1}]), id)
+    upstream.nodes = []
+    upstream.balancer = OriginalDestinationBalancer()
+    upstream.retries = 0
+    return upstream
 
 
 class CompiledRoute:
@@ -61,15 +79,33 @@ class CompiledRoute:
         self.chain = chain
 
 
+class InterceptScope:
+    """How traffic entering through one interception entry is handled: the named service's
+    routes first, then a fallback route (the service's plugins, and its upstream or else each
+    connection's original destination)."""
+
+    __slots__ = ("fallback", "name", "table")
+
+    def __init__(self, name: str, table: RouteTable, fallback: CompiledRoute) -> None:
+        self.name = name
+        self.table = table
+        self.fallback = fallback
+
+    def match(self, method: str, path: str, host: str, ctx: Any) -> CompiledRoute:
+        return self.table.match(method, path, host, ctx) or self.fallback
+
+
 class Snapshot:
     """Everything the data plane needs for one config version."""
 
-    __slots__ = ("config", "env", "global_chain", "routes", "table", "unavailable", "upstreams",
-                 "version")
+    __slots__ = ("config", "env", "global_chain", "routes", "scopes", "table", "unavailable",
+                 "upstreams", "version")
 
     def __init__(self, config: GatewayConfig, table: RouteTable, routes: list[CompiledRoute],
                  upstreams: dict[str, Upstream], global_chain: PluginChain, env: PluginEnv,
-                 unavailable: list[str], version: int) -> None:
+                 unavailable: list[str], version: int,
+                 scopes: dict[str, InterceptScope] | None = None) -> None:
+        self.scopes = scopes or {}
         self.config = config
         self.table = table
         self.routes = routes
@@ -115,7 +151,7 @@ def compile_snapshot(config: GatewayConfig, env: PluginEnv, version: int = 1) ->
     service_extra: dict[str, PluginEntries] = {}
     global_entries: PluginEntries = []
     for entry in config.plugins:
-        if not registry[entry.name].available:
+        if not registry[entry.name].available or registry[entry.name].entry_point:
             continue
         model, meta, _ = validate_plugin(entry.name, entry.config, entry.name)
         service = find_service(config, entry.service) if entry.service else None
@@ -131,6 +167,7 @@ def compile_snapshot(config: GatewayConfig, env: PluginEnv, version: int = 1) ->
     services = {s.id: s for s in config.services}
     table = RouteTable()
     routes: list[CompiledRoute] = []
+    compiled_pairs: list[tuple[RouteConfig, CompiledRoute]] = []
     for order, route in enumerate(config.routes):
         if route.status == 0:
             continue
@@ -147,12 +184,57 @@ def compile_snapshot(config: GatewayConfig, env: PluginEnv, version: int = 1) ->
             chain = PluginChain(global_chain.plugins + chain.plugins)
         compiled = CompiledRoute(route_id, route.name, route.service_id, upstream, chain)
         routes.append(compiled)
-        hosts = ([route.host] if route.host else route.hosts) or (service.hosts if service
-                                                                 else None)
-        table.add(compiled, [route.uri] if route.uri else list(route.uris or []), hosts,
-                  route.priority, order, route.methods, route.vars, route.remote_addrs)
+        compiled_pairs.append((route, compiled))
+        _add_route(table, route, compiled, order, service)
+    scopes = _intercept_scopes(config, compiled_pairs, upstreams, service_extra,
+                               global_chain, env)
     return Snapshot(config, table.freeze(), routes, upstreams, global_chain, env, unavailable,
-                    version)
+                    version, scopes)
+
+
+def _add_route(table: RouteTable, route: RouteConfig, compiled: CompiledRoute, order: int,
+               service: Any) -> None:
+    hosts = ([route.host] if route.host else route.hosts) or (service.hosts if service
+                                                             else None)
+    table.add(compiled, [route.uri] if route.uri else list(route.uris or []), hosts,
+              route.priority, order, route.methods, route.vars, route.remote_addrs)
+
+
+def _intercept_scopes(config: GatewayConfig,
+                      compiled_pairs: list[tuple[RouteConfig, CompiledRoute]],
+                      upstreams: dict[str, Upstream], service_extra: dict[str, PluginEntries],
+                      global_chain: PluginChain, env: PluginEnv) -> dict[str, InterceptScope]:
+    scopes: dict[str, InterceptScope] = {}
+    for index, entry in enumerate(config.plugins):
+        if entry.name != "tproxy":
+            continue
+        name = entry.service or f"plugins[{index}]"
+        service = find_service(config, entry.service) if entry.service else None
+        table = RouteTable()
+        chain_entries: PluginEntries = []
+        upstream: Upstream | None = None
+        if service is not None:
+            for order, (route, compiled) in enumerate(compiled_pairs):
+                if compiled.service_id == service.id:
+                    _add_route(table, route, compiled, order, service)
+            chain_entries = _entries(service.plugins) + service_extra.get(service.id or "", [])
+            if service.upstream is not None:
+                upstream = Upstream(service.upstream, service.upstream.id or f"service-{name}")
+            elif service.upstream_id:
+                upstream = upstreams[service.upstream_id]
+        chain = build_chain(chain_entries, env)
+        if global_chain.plugins:
+            chain = PluginChain(global_chain.plugins + chain.plugins)
+        upstream = upstream or original_destination_upstream(f"original-{name}")
+        conf = validate_plugin("tproxy", entry.config, name)[0]
+        if conf is not None and conf.tproxy and conf.preserve_source:
+            upstream = copy.copy(upstream)
+            upstream.source_from_client = True
+            upstream.keepalive_size = 0  # a pooled connection carries another client's address
+        fallback = CompiledRoute(f"intercept-{name}", None, service.id if service else None,
+                                 upstream, chain)
+        scopes[name] = InterceptScope(name, table.freeze(), fallback)
+    return scopes
 
 
 def _route_upstream(route: RouteConfig, service: Any, upstreams: dict[str, Upstream],

@@ -98,6 +98,8 @@ class Plugin:
     consumer_schema: ClassVar[type[PluginConfig] | None] = None
     # Consumer credential field that must be unique across consumers (auth plugins).
     consumer_unique_field: ClassVar[str | None] = None
+    # An entry point (how traffic enters, e.g. tproxy), not a phase plugin: never in a chain.
+    entry_point: ClassVar[bool] = False
     # Short form: may `service` name a service that is not defined? (validate then warns)
     service_optional: ClassVar[bool] = False
     # False while a plugin's machinery is not built: config validates, `run` refuses.

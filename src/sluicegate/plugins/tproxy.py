@@ -1,23 +1,49 @@
 """tproxy: transparent interception of traffic whose clients do not know a proxy exists.
 
-The config shape is accepted now so the seed config validates; the interception machinery
-(nftables TPROXY rules, policy routing, IP_TRANSPARENT listeners) arrives with issue 3, and
-until then `sluicegate run` refuses a config that uses this plugin instead of ignoring it.
+With `tproxy: true` the gateway installs (and removes on exit) one nftables table
+`inet sluicegate`, fwmark policy rules and local routes, and listens with IP_TRANSPARENT on
+`listen`; TCP traffic routed through this host to the captured ports is handed to the named
+service (its routes, plugins, upstream), or, when the service has no upstream or is not
+defined, sent on to its original destination. `tproxy: false` is an ordinary listener whose
+traffic the named service handles.
+
+This is an entry point, not a phase plugin: it adds no hooks to any chain.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from sluicegate.config.model import parse_listen
+from sluicegate.intercept.spec import InterceptSpec
 from sluicegate.plugins.base import Plugin, PluginConfig, register
 
 
 class TproxyConfig(PluginConfig):
-    listen: str = Field("0.0.0.0:80", description="Address and port of the transparent "
-                        "listener; intercepted traffic to this port is captured.")
-    tproxy: bool = Field(True, description="true: capture traffic transparently (TPROXY); "
-                         "false: an ordinary listener.")
+    listen: str = "0.0.0.0:80"
+    """Address and port of the listener. With tproxy, the port is also the default captured
+    destination port."""
+    tproxy: bool = True
+    """true: capture traffic transparently (TPROXY); false: an ordinary listener."""
+    protocols: list[Literal["tcp", "udp"]] = Field(default_factory=lambda: ["tcp"],
+                                                   min_length=1)
+    """Protocols to capture."""
+    ports: list[int | str] = Field(default_factory=list)
+    """Destination ports or ranges to capture ("80", "8000-8099"); default: the listen port."""
+    destinations: list[str] = Field(default_factory=list)
+    """Destination CIDRs to capture (v4 and v6); default: any destination."""
+    exclude: list[str] = Field(default_factory=list)
+    """Destination CIDRs never captured (this host's own addresses never are)."""
+    interfaces: list[str] = Field(default_factory=list)
+    """Capture only traffic arriving on these interfaces; default: any."""
+    preserve_source: bool = False
+    """Upstream connections carry the client's own address (IP_TRANSPARENT bind)."""
+    fwmark: int = Field(1, ge=1, le=0xFFFFFFFF)
+    """Firewall mark that routes captured packets to the local listener."""
+    route_table: int = Field(100, ge=1, le=0xFFFFFFF0)
+    """Policy routing table holding the local routes."""
 
     @field_validator("listen")
     @classmethod
@@ -31,10 +57,29 @@ class Tproxy(Plugin):
     name = "tproxy"
     priority = 0
     schema = TproxyConfig
-    available = False
-    unavailable_reason = ("transparent interception is not available in this version of "
-                          "sluicegate yet (TPROXY support is being built); remove this entry "
-                          "to run the rest of the config")
     # The named service may be absent: intercepted traffic then goes to its original
     # destination (validate warns instead of failing).
     service_optional = True
+    entry_point = True
+    available = True
+
+    @classmethod
+    def check(cls, conf: TproxyConfig) -> list[str]:
+        if not conf.tproxy:
+            return []
+        try:
+            spec_from_config(conf)
+        except ValueError as exc:
+            return [str(exc)]
+        return []
+
+
+def spec_from_config(conf: TproxyConfig) -> InterceptSpec:
+    """The interception spec this entry asks for (raises ValueError naming the option)."""
+    host, port = parse_listen(conf.listen)
+    return InterceptSpec.from_options(
+        port, protocols=conf.protocols, ports=conf.ports or [port],
+        destinations=conf.destinations or None, exclude=conf.exclude,
+        interfaces=conf.interfaces, preserve_source=conf.preserve_source,
+        fwmark=conf.fwmark, route_table=conf.route_table,
+        listen_address=None if host in ("0.0.0.0", "::") else host)

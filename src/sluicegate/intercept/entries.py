@@ -1,0 +1,90 @@
+"""From config to interception: which entries (short-form `tproxy` plugins) ask for what,
+and the lifecycle around a worker: listeners first, then rules (so nothing is captured
+before a socket can take it), rules removed on the way out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sluicegate.config.model import GatewayConfig, parse_listen
+from sluicegate.intercept.spec import InterceptSpec
+from sluicegate.intercept.tproxy import InterceptError, TproxyInterceptor
+from sluicegate.plugins.base import validate_plugin
+from sluicegate.plugins.tproxy import TproxyConfig, spec_from_config
+
+log = logging.getLogger("sluicegate.intercept")
+
+
+@dataclass(frozen=True)
+class InterceptEntry:
+    """One `tproxy` entry: where it listens, which scope (service) handles its traffic, and
+    the interception spec when it is transparent."""
+
+    index: int
+    scope: str
+    host: str
+    port: int
+    conf: TproxyConfig
+    spec: InterceptSpec | None
+
+    @property
+    def listen_hosts(self) -> list[str]:
+        # A TPROXY target needs a socket per family; a wildcard listen means both.
+        if self.spec is not None and self.host in ("0.0.0.0", "::"):
+            return ["0.0.0.0", "::"]
+        return [self.host]
+
+
+def intercept_entries(config: GatewayConfig) -> list[InterceptEntry]:
+    entries = []
+    for index, entry in enumerate(config.plugins):
+        if entry.name != "tproxy":
+            continue
+        conf, _, errors = validate_plugin("tproxy", entry.config, f"plugins[{index}].config")
+        if errors:  # validate_config ran first
+            raise ValueError("; ".join(errors))
+        host, port = parse_listen(conf.listen)
+        entries.append(InterceptEntry(index, entry.service or f"plugins[{index}]", host, port,
+                                      conf, spec_from_config(conf) if conf.tproxy else None))
+    return entries
+
+
+def unsupported(entries: list[InterceptEntry]) -> list[str]:
+    """What this version cannot do yet, as `path: reason` lines."""
+    reasons = []
+    transparent = [e for e in entries if e.spec is not None]
+    for entry in transparent[1:]:
+        reasons.append(f"plugins[{entry.index}]: only one transparent (tproxy: true) entry "
+                       "is supported")
+    for entry in entries:
+        if "udp" in entry.conf.protocols:
+            reasons.append(f"plugins[{entry.index}].config.protocols: udp interception is "
+                           "not available yet (the UDP stream proxy is being built)")
+    return reasons
+
+
+class InterceptionOwner:
+    """Installs the transparent entry's rules and removes them, exactly once per process
+    that owns them (the single worker, or the supervisor of several)."""
+
+    def __init__(self, entries: list[InterceptEntry]) -> None:
+        self.spec = next((e.spec for e in entries if e.spec is not None), None)
+        self.interceptor: TproxyInterceptor | None = None
+
+    def install(self) -> None:
+        if self.spec is None:
+            return
+        self.interceptor = TproxyInterceptor()
+        self.interceptor.install(self.spec)
+        log.info("interception installed: %s", self.spec.to_dict())
+
+    def remove(self) -> None:
+        if self.interceptor is None:
+            return
+        try:
+            self.interceptor.remove()
+            log.info("interception removed")
+        except InterceptError as exc:
+            log.error("could not remove interception: %s", exc)
+        self.interceptor = None

@@ -1,0 +1,210 @@
+"""The gateway with the `tproxy` plugin, end to end on a real kernel: sluicegate runs in the
+gateway namespace of a client — gateway — server rig (tests/net), curl in the client
+namespace talks to nginx in the server namespace and never learns a proxy exists."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from net.conftest import rig_fixture  # noqa: F401  (the `rig` fixture)
+from net.rig import PYTHON, Rig, stop
+
+METRICS = "127.0.0.1:9091"
+
+
+def seed(**tproxy: Any) -> dict[str, Any]:
+    """The seed config of DEVELOPERS.md, with extra tproxy options."""
+    return {"plugins": [
+        {"name": "tproxy", "service": "your_service_name",
+         "config": {"listen": "0.0.0.0:80", "tproxy": True, **tproxy}},
+        {"name": "prometheus", "config": {"metrics": True}}]}
+
+
+def start_gateway(rig: Rig, config: dict[str, Any], name: str = "gateway"
+                  ) -> subprocess.Popen[str]:
+    path = rig.workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = (rig.workdir / f"{name}.log").open("w")
+    process = rig.gateway.popen([PYTHON, "-m", "sluicegate", "run", "-c", str(path)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    rig.processes.append(process)
+    rig.gateway.wait_listening(80, process=process)
+    _wait_rules(rig)
+    return process
+
+
+def _wait_rules(rig: Rig, timeout: float = 10.0) -> None:
+    # The listener opens before the rules go in (nothing is captured without a socket).
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tables(rig):
+            return
+        time.sleep(0.05)
+    raise TimeoutError("interception rules never appeared")
+
+
+def tables(rig: Rig) -> list[str]:
+    out = rig.gateway.run(["nft", "list", "tables"]).stdout
+    return [line for line in out.splitlines() if "sluicegate" in line]
+
+
+def fwmark_rules(rig: Rig) -> list[str]:
+    lines = []
+    for flag in ("-4", "-6"):
+        out = rig.gateway.run(["ip", flag, "rule"]).stdout
+        lines += [line for line in out.splitlines() if "fwmark" in line]
+    return lines
+
+
+def curl(rig: Rig, url: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return rig.client.run(["curl", "-s", "-m", "5", "-w", "\n%{http_code}", *extra, url],
+                          check=check)
+
+
+def body_and_status(result: subprocess.CompletedProcess) -> tuple[str, int]:
+    body, _, code = result.stdout.rpartition("\n")
+    return body.rstrip("\n"), int(code)
+
+
+def metrics(rig: Rig) -> str:
+    return rig.gateway.run(["curl", "-s", "-m", "5", f"http://{METRICS}/metrics"]).stdout
+
+
+def test_seed_config_intercepts_http_and_sends_it_to_its_original_destination(rig):
+    rig.start_nginx(80)
+    start_gateway(rig, seed())
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
+    assert status == 200
+    # The server was reached at its own address, by the gateway (not by the client).
+    assert body == f"server={rig.server_v4} remote={rig.gateway_server_v4}"
+
+
+def test_intercepted_ipv6_http_reaches_its_original_destination(rig):
+    rig.start_nginx(80)
+    start_gateway(rig, seed())
+    body, status = body_and_status(curl(rig, f"http://[{rig.server_v6}]/"))
+    assert status == 200
+    assert body == f"server={rig.server_v6} remote={rig.gateway_server_v6}"
+
+
+def test_intercepted_requests_are_counted_in_metrics_with_the_interception_route(rig):
+    rig.start_nginx(80)
+    start_gateway(rig, seed())
+    for _ in range(3):
+        curl(rig, f"http://{rig.server_v4}/")
+    text = metrics(rig)
+    counted = [line for line in text.splitlines()
+               if line.startswith("sluicegate_http_requests_total{")
+               and 'route="intercept-your_service_name"' in line
+               and f'node="{rig.server_v4}:80"' in line]
+    assert counted and counted[0].endswith(" 3.0"), text
+
+
+def test_preserve_source_makes_the_server_see_the_client_address(rig):
+    rig.start_nginx(80)
+    start_gateway(rig, seed(preserve_source=True))
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
+    assert status == 200
+    assert body == f"server={rig.server_v4} remote={rig.client_v4}"
+    body, status = body_and_status(curl(rig, f"http://[{rig.server_v6}]/"))
+    assert status == 200
+    assert body == f"server={rig.server_v6} remote={rig.client_v6}"
+
+
+def test_plugins_of_the_named_service_apply_to_intercepted_traffic(rig):
+    rig.start_nginx(80)
+    config = seed()
+    config["services"] = [{"id": "web", "name": "your_service_name",
+                           "plugins": {"key-auth": {}}}]
+    config["consumers"] = [{"username": "alice", "plugins": {"key-auth": {"key": "k-alice"}}}]
+    start_gateway(rig, config)
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
+    assert status == 401 and "Missing API key" in body
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/", "-H",
+                                        "apikey: k-alice"))
+    assert status == 200 and body.startswith(f"server={rig.server_v4}")
+
+
+def test_routes_of_the_named_service_match_intercepted_traffic_by_host(rig):
+    rig.start_nginx(80)
+    config = seed()
+    config["services"] = [{"id": "web", "name": "your_service_name"}]
+    config["routes"] = [{"id": "blocked", "uri": "/*", "host": "blocked.example",
+                         "service_id": "web",
+                         "plugins": {"response-rewrite": {"status_code": 403,
+                                                          "body": "blocked\n"}},
+                         "upstream": {"nodes": {f"{rig.server_v4}:80": 1}}}]
+    start_gateway(rig, config)
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/", "-H",
+                                        "Host: blocked.example"))
+    assert (status, body) == (403, "blocked")
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
+    assert status == 200 and body.startswith(f"server={rig.server_v4}")
+
+
+def test_connection_to_a_dead_destination_is_reset_promptly(rig):
+    start_gateway(rig, seed())  # nothing listens in the server namespace
+    started = time.monotonic()
+    result = curl(rig, f"http://{rig.server_v4}/", check=False)
+    elapsed = time.monotonic() - started
+    # curl: 56 = connection reset while receiving, 52 = empty reply; never a 502 page.
+    assert result.returncode in (52, 56), result
+    assert elapsed < 2.0
+
+
+def test_sigterm_removes_every_rule_and_route_it_installed(rig):
+    rig.start_nginx(80)
+    process = start_gateway(rig, seed())
+    assert len(tables(rig)) == 1 and fwmark_rules(rig)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    assert tables(rig) == []
+    assert fwmark_rules(rig) == []
+    # And traffic flows directly again.
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
+    assert status == 200 and body.endswith(f"remote={rig.client_v4}")
+
+
+def test_restart_after_kill_9_leaves_exactly_one_table(rig):
+    rig.start_nginx(80)
+    first = start_gateway(rig, seed(), "first")
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert len(tables(rig)) == 1  # a crash leaves its table behind...
+    second = start_gateway(rig, seed(), "second")
+    assert len(tables(rig)) == 1  # ...which the next start replaces
+    _, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
+    assert status == 200
+    stop(second)
+    assert tables(rig) == []
+
+
+def test_intercept_status_and_down_commands(rig):
+    rig.start_nginx(80)
+    process = start_gateway(rig, seed())
+    curl(rig, f"http://{rig.server_v4}/")
+    shown = json.loads(rig.gateway.run([PYTHON, "-m", "sluicegate", "intercept",
+                                        "status"]).stdout)
+    assert shown["installed"] is True
+    captured = [r for r in shown["rules"] if "capture tcp ipv4" in (r.get("comment") or "")]
+    assert captured and captured[0]["packets"] > 0
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    rig.gateway.run([PYTHON, "-m", "sluicegate", "intercept", "down"])
+    assert tables(rig) == [] and fwmark_rules(rig) == []
+
+
+def test_validate_warns_about_the_undefined_service_of_the_seed_config(tmp_path: Path):
+    path = tmp_path / "seed.yaml"
+    path.write_text(yaml.safe_dump(seed()))
+    result = subprocess.run([PYTHON, "-m", "sluicegate", "validate", str(path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "plugins[0].service" in result.stderr and "original destination" in result.stderr
