@@ -105,6 +105,22 @@ def test_intercepted_requests_are_counted_in_metrics_with_the_interception_route
                and 'route="intercept-your_service_name"' in line
                and f'node="{rig.server_v4}:80"' in line]
     assert counted and counted[0].endswith(" 3.0"), text
+    assert (f'sluicegate_intercepted_requests_total{{mode="tproxy",'
+            f'original_destination="{rig.server_v4}:80"}} 3.0') in text, text
+
+
+def test_access_log_carries_the_original_destination_and_mode(rig):
+    rig.start_nginx(80)
+    log_path = rig.workdir / "access.log"
+    config = seed()
+    config["plugins"].append({"name": "file-logger", "config": {"path": str(log_path)}})
+    process = start_gateway(rig, config)
+    curl(rig, f"http://[{rig.server_v6}]/")
+    stop(process)
+    entry = json.loads(log_path.read_text().splitlines()[-1])
+    assert entry["original_destination"] == f"[{rig.server_v6}]:80"
+    assert entry["intercept_mode"] == "tproxy"
+    assert entry["status"] == 200
 
 
 def test_preserve_source_makes_the_server_see_the_client_address(rig):

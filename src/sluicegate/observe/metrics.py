@@ -51,6 +51,8 @@ class MetricsStore:
         # (node, code) -> count of upstream responses
         self.upstream_status: dict[tuple[str, str], int] = {}
         self.gauges: dict[str, float] = {}
+        # (mode, original destination) -> count of intercepted requests
+        self.intercepted: dict[tuple[str, str], int] = {}
 
     def record(self, code: int, route: str, service: str, consumer: str, node: str,
                latency: float, upstream_latency: float, upstream_status: int,
@@ -70,6 +72,10 @@ class MetricsStore:
         bandwidth[ingress] = bandwidth.get(ingress, 0) + bytes_in
         bandwidth[egress] = bandwidth.get(egress, 0) + bytes_out
 
+    def record_interception(self, mode: str, original_destination: str) -> None:
+        key = (mode, original_destination)
+        self.intercepted[key] = self.intercepted.get(key, 0) + 1
+
     def _observe(self, key: tuple[str, str, str, str, str], value: float) -> None:
         histogram = self.latency.get(key)
         if histogram is None:
@@ -84,16 +90,17 @@ class MetricsStore:
             "bandwidth": dict(self.bandwidth),
             "upstream_status": dict(self.upstream_status),
             "gauges": dict(self.gauges),
+            "intercepted": dict(self.intercepted),
         }
 
 
 def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"requests": {}, "latency": {}, "bandwidth": {},
-                              "upstream_status": {}, "gauges": {}}
+                              "upstream_status": {}, "gauges": {}, "intercepted": {}}
     for snap in snapshots:
-        for name in ("requests", "bandwidth", "upstream_status", "gauges"):
+        for name in ("requests", "bandwidth", "upstream_status", "gauges", "intercepted"):
             target = merged[name]
-            for key, value in snap[name].items():
+            for key, value in snap.get(name, {}).items():
                 target[key] = target.get(key, 0) + value
         latency = merged["latency"]
         for key, (buckets, count, total) in snap["latency"].items():
@@ -153,6 +160,13 @@ class SnapshotCollector(Collector):
         for key, value in sorted(snap["upstream_status"].items()):
             upstream.add_metric(list(key), value)
         yield upstream
+        intercepted = CounterMetricFamily(
+            "sluicegate_intercepted_requests",
+            "Requests that arrived by transparent interception, by mode and original "
+            "destination", labels=["mode", "original_destination"])
+        for key, value in sorted(snap.get("intercepted", {}).items()):
+            intercepted.add_metric(list(key), value)
+        yield intercepted
         for name, value in sorted(snap["gauges"].items()):
             gauge = GaugeMetricFamily(f"sluicegate_{name}", GAUGE_HELP.get(name, name))
             gauge.add_metric([], value)

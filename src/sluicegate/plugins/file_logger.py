@@ -103,4 +103,9 @@ class FileLogger(Plugin):
             "bytes_received": ctx.bytes_received,
             "user_agent": ctx.get_header("user-agent"),
         }
+        if ctx.original_destination is not None:  # intercepted: where it was going, and how
+            host, port = ctx.original_destination
+            entry["original_destination"] = f"[{host}]:{port}" if ":" in host else \
+                f"{host}:{port}"
+            entry["intercept_mode"] = ctx.intercept_mode
         self.writer.write((_encode(entry) + "\n").encode())

@@ -47,3 +47,8 @@ class Prometheus(Plugin):
                           ctx.upstream_addr or "", time.monotonic() - ctx.start_time,
                           ctx.upstream_latency, ctx.upstream_status, ctx.bytes_received,
                           ctx.bytes_sent)
+        if ctx.original_destination is not None:
+            host, port = ctx.original_destination
+            self.store.record_interception(ctx.intercept_mode or "",
+                                           f"[{host}]:{port}" if ":" in host else
+                                           f"{host}:{port}")
