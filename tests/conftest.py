@@ -40,3 +40,17 @@ def start_gateway(tmp_path: Path) -> Iterator[Any]:
     yield start
     for gateway in started:
         gateway.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def root_namespace_stays_untouched() -> Iterator[None]:
+    """Interception must only ever be installed inside test namespaces: fail the run if
+    the root namespace ends up with a sluicegate table."""
+    yield
+    import shutil
+    import subprocess
+
+    if shutil.which("nft"):
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True,
+                                text=True).stdout
+        assert "sluicegate" not in tables, "a test installed interception in the root netns"

@@ -27,6 +27,7 @@ from sluicegate.intercept.tproxy import InterceptError
 from sluicegate.observe.exposition import serve_metrics
 from sluicegate.observe.metrics import MetricsStore
 from sluicegate.plugins.base import PluginEnv
+from sluicegate.stream.plane import StreamPlane
 
 log = logging.getLogger("sluicegate")
 
@@ -66,6 +67,7 @@ class Worker:
         self.server: HttpServer | None = None
         self.stopping: asyncio.Event | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.stream: StreamPlane | None = None
 
     def compile(self, validated: ValidatedConfig) -> Snapshot:
         return compile_snapshot(validated.config, PluginEnv(metrics=self.metrics), self.version)
@@ -87,6 +89,9 @@ class Worker:
             await server.listen(host, port, self.reuse_port)
         entries = intercept_entries(snapshot.config)
         await self._listen_for_entries(entries)
+        self.stream = StreamPlane(snapshot.config, self.reuse_port, self._stream_closed)
+        self.stream.start(entries)
+        CLOCK.extra.append(self.stream.tick)
         # Rules after listeners: nothing is captured before a socket can take it.
         owner = InterceptionOwner(entries) if self.owns_interception else None
         try:
@@ -105,6 +110,8 @@ class Worker:
     async def _listen_for_entries(self, entries: list[InterceptEntry]) -> None:
         assert self.server is not None
         for entry in entries:
+            if entry.spec is not None and not entry.http:
+                continue  # intercepted TCP relayed at L4 (and UDP): the stream plane's
             for host in entry.listen_hosts:
                 if entry.spec is None:
                     await self.server.listen(host, entry.port, self.reuse_port, scope=entry.scope)
@@ -132,6 +139,8 @@ class Worker:
         if metrics_server is not None:
             metrics_server.close()
         clean = await server.drain(server.snapshot.config.gateway.drain_timeout)
+        if self.stream is not None:
+            await self.stream.drain(server.snapshot.config.gateway.drain_timeout)
         from sluicegate.observe.access_log import flush_all
 
         flush_all()
@@ -166,7 +175,19 @@ class Worker:
         if snapshot.config.gateway.listen != old.listen:
             log.warning("gateway.listen changed: restart to apply new listeners")
         self.server.swap(snapshot)
+        if self.stream is not None:
+            self.stream.swap(snapshot.config)
         log.info("config reloaded (version %d, %d routes)", self.version, len(snapshot.routes))
+
+    def _stream_closed(self, protocol: str, flow: Any) -> None:
+        route = flow.route.id if flow.route is not None else ""
+        self.metrics.record_stream(protocol, route or "", flow.bytes_from_client,
+                                   flow.bytes_from_upstream)
+        destination = getattr(flow, "original_destination", None)
+        if destination is not None:
+            host, port = destination[0], destination[1]
+            self.metrics.record_interception(
+                "tproxy", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
     def metrics_snapshot(self) -> dict[str, Any]:
         snap = self.metrics.snapshot()

@@ -224,3 +224,84 @@ def test_validate_warns_about_the_undefined_service_of_the_seed_config(tmp_path:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "plugins[0].service" in result.stderr and "original destination" in result.stderr
+
+
+# -- L4: intercepted TCP relayed as bytes, intercepted UDP ----------------------------------
+
+UDP_CLIENT = """
+import json, socket, sys
+host, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(5)
+sock.sendto(payload, (host, port))
+data, peer = sock.recvfrom(65535)
+print(json.dumps({"data": data.decode(), "from": list(peer[:2])}))
+"""
+
+
+def udp_exchange(rig: Rig, host: str, port: int, payload: str) -> dict[str, Any]:
+    return json.loads(rig.client.python(UDP_CLIENT, host, str(port), payload).stdout)
+
+
+def start_l4_gateway(rig: Rig, config: dict[str, Any]) -> subprocess.Popen[str]:
+    path = rig.workdir / "l4.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = (rig.workdir / "l4.log").open("w")
+    process = rig.gateway.popen([PYTHON, "-m", "sluicegate", "run", "-c", str(path)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    rig.processes.append(process)
+    rig.gateway.wait_listening(9080, process=process)  # the HTTP listener opens first
+    _wait_rules(rig)
+    return process
+
+
+def test_intercepted_tcp_in_tcp_mode_is_relayed_to_its_original_destination(rig):
+    rig.start_nginx(80)
+    start_l4_gateway(rig, seed(mode="tcp"))
+    for url, server, gateway in ((f"http://{rig.server_v4}/", rig.server_v4,
+                                  rig.gateway_server_v4),
+                                 (f"http://[{rig.server_v6}]/", rig.server_v6,
+                                  rig.gateway_server_v6)):
+        body, status = body_and_status(curl(rig, url))
+        assert (status, body) == (200, f"server={server} remote={gateway}")
+    text = metrics(rig)
+    assert 'sluicegate_stream_connections_total{protocol="tcp",route="intercept-your_servi' \
+           'ce_name"} 2.0' in text, text
+
+
+def test_intercepted_tcp_relay_preserves_the_client_address(rig):
+    rig.start_nginx(80)
+    start_l4_gateway(rig, seed(mode="tcp", preserve_source=True))
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
+    assert (status, body) == (200, f"server={rig.server_v4} remote={rig.client_v4}")
+
+
+def test_intercepted_udp_is_answered_from_its_original_destination(rig):
+    rig.start_udp_echo(5300)
+    start_l4_gateway(rig, seed(protocols=["udp"], ports=["5300"], listen="0.0.0.0:15300"))
+    for server, gateway in ((rig.server_v4, rig.gateway_server_v4),
+                            (rig.server_v6, rig.gateway_server_v6)):
+        reply = udp_exchange(rig, server, 5300, "ping")
+        assert reply["from"] == [server, 5300]  # the client sees the server answer
+        assert reply["data"] == f"echo ping seen-from={gateway}"
+
+
+def test_intercepted_udp_with_preserve_source_reaches_the_server_from_the_client(rig):
+    rig.start_udp_echo(5300)
+    start_l4_gateway(rig, seed(protocols=["udp"], ports=["5300"], listen="0.0.0.0:15300",
+                               preserve_source=True))
+    reply = udp_exchange(rig, rig.server_v4, 5300, "hi")
+    assert reply == {"data": f"echo hi seen-from={rig.client_v4}",
+                     "from": [rig.server_v4, 5300]}
+
+
+def test_stream_route_claims_intercepted_tcp_before_the_original_destination(rig):
+    rig.start_nginx(8080)  # nothing listens on port 80: only the stream route can answer
+    config = seed(mode="tcp")
+    config["stream_routes"] = [{"id": "to-8080", "server_port": 80,
+                                "upstream": {"nodes": {f"{rig.server_v4}:8080": 1}}}]
+    start_l4_gateway(rig, config)
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
+    assert status == 200 and body.startswith(f"server={rig.server_v4}")
+    text = metrics(rig)
+    assert 'sluicegate_stream_connections_total{protocol="tcp",route="to-8080"} 1.0' in text

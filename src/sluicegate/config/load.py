@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from sluicegate.config.model import GatewayConfig, RouteConfig, ServiceConfig
 from sluicegate.plugins.base import load_plugins, validate_plugin, validation_errors
+from sluicegate.stream.routes import compile_stream_routes
 
 
 class ConfigError(Exception):
@@ -72,6 +73,10 @@ def validate_config(data: dict[str, Any]) -> ValidatedConfig:
     _check_references(config, errors)
     for index, route in enumerate(config.routes):
         _check_route_addresses(route, f"routes[{index}]", errors)
+    try:
+        compile_stream_routes(config.stream_routes, {u.id: u for u in config.upstreams if u.id})
+    except ValueError as exc:
+        errors.append(str(exc))
     if errors:
         raise ConfigError(errors)
     return ValidatedConfig(config, warnings)

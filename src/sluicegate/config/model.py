@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from sluicegate.config.expr import compile_vars
+from sluicegate.stream.routes import StreamRouteConfig
 
 ObjectId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 
@@ -225,6 +226,17 @@ def _check_listen(address: str) -> str:
 ListenAddress = Annotated[str, AfterValidator(_check_listen)]
 
 
+class StreamProxySettings(Strict):
+    """L4 listeners (APISIX `stream_proxy`): TCP and UDP addresses served by `stream_routes`."""
+
+    tcp: list[ListenAddress] = Field(default_factory=list)
+    udp: list[ListenAddress] = Field(default_factory=list)
+    splice: bool | None = None
+    """Relay TCP with os.splice (kernel copy, ~40% less CPU); null: wherever available."""
+    udp_idle_timeout: float = Field(60.0, gt=0, le=86_400)
+    """A UDP flow (session) ends after this many seconds without a datagram."""
+
+
 class GatewaySettings(Strict):
     """Where sluicegate listens and how it runs."""
 
@@ -235,6 +247,7 @@ class GatewaySettings(Strict):
     drain_timeout: float = Field(10.0, ge=0, le=3600)
     client_header_timeout: float = Field(60.0, gt=0, le=3600)
     keepalive_timeout: float = Field(60.0, ge=0, le=86_400)
+    stream_proxy: StreamProxySettings = Field(default_factory=StreamProxySettings)
 
 
 def parse_listen(address: str) -> tuple[str, int]:
@@ -263,3 +276,4 @@ class GatewayConfig(Strict):
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     consumers: list[ConsumerConfig] = Field(default_factory=list)
     global_rules: list[GlobalRuleConfig] = Field(default_factory=list)
+    stream_routes: list[StreamRouteConfig] = Field(default_factory=list)

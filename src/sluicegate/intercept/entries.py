@@ -29,6 +29,11 @@ class InterceptEntry:
     spec: InterceptSpec | None
 
     @property
+    def http(self) -> bool:
+        """Intercepted TCP goes through the L7 pipeline (else the L4 relay)."""
+        return "tcp" in self.conf.protocols and self.conf.mode == "http"
+
+    @property
     def listen_hosts(self) -> list[str]:
         # A TPROXY target needs a socket per family; a wildcard listen means both.
         if self.spec is not None and self.host in ("0.0.0.0", "::"):
@@ -58,9 +63,9 @@ def unsupported(entries: list[InterceptEntry]) -> list[str]:
         reasons.append(f"plugins[{entry.index}]: only one transparent (tproxy: true) entry "
                        "is supported")
     for entry in entries:
-        if "udp" in entry.conf.protocols:
-            reasons.append(f"plugins[{entry.index}].config.protocols: udp interception is "
-                           "not available yet (the UDP stream proxy is being built)")
+        if entry.spec is None and (entry.conf.mode == "tcp" or "udp" in entry.conf.protocols):
+            reasons.append(f"plugins[{entry.index}].config: an ordinary listener (tproxy: "
+                           "false) serves HTTP; use gateway.stream_proxy for TCP/UDP")
     return reasons
 
 

@@ -53,6 +53,8 @@ class MetricsStore:
         self.gauges: dict[str, float] = {}
         # (mode, original destination) -> count of intercepted requests
         self.intercepted: dict[tuple[str, str], int] = {}
+        # (protocol, stream route) -> [connections or flows, bytes in, bytes out]
+        self.stream: dict[tuple[str, str], list[int]] = {}
 
     def record(self, code: int, route: str, service: str, consumer: str, node: str,
                latency: float, upstream_latency: float, upstream_status: int,
@@ -71,6 +73,14 @@ class MetricsStore:
         egress = ("egress", *labels)
         bandwidth[ingress] = bandwidth.get(ingress, 0) + bytes_in
         bandwidth[egress] = bandwidth.get(egress, 0) + bytes_out
+
+    def record_stream(self, protocol: str, route: str, bytes_in: int, bytes_out: int) -> None:
+        counts = self.stream.get((protocol, route))
+        if counts is None:
+            counts = self.stream[(protocol, route)] = [0, 0, 0]
+        counts[0] += 1
+        counts[1] += bytes_in
+        counts[2] += bytes_out
 
     def record_interception(self, mode: str, original_destination: str) -> None:
         key = (mode, original_destination)
@@ -91,6 +101,7 @@ class MetricsStore:
             "upstream_status": dict(self.upstream_status),
             "gauges": dict(self.gauges),
             "intercepted": dict(self.intercepted),
+            "stream": {k: list(v) for k, v in self.stream.items()},
         }
 
 
@@ -102,6 +113,10 @@ def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
             target = merged[name]
             for key, value in snap.get(name, {}).items():
                 target[key] = target.get(key, 0) + value
+        stream = merged.setdefault("stream", {})
+        for key, counts in snap.get("stream", {}).items():
+            stream[key] = [a + b for a, b in zip(stream.get(key, [0, 0, 0]), counts,
+                                                 strict=True)]
         latency = merged["latency"]
         for key, (buckets, count, total) in snap["latency"].items():
             if key in latency:
@@ -167,6 +182,19 @@ class SnapshotCollector(Collector):
         for key, value in sorted(snap.get("intercepted", {}).items()):
             intercepted.add_metric(list(key), value)
         yield intercepted
+        flows = CounterMetricFamily("sluicegate_stream_connections",
+                                    "L4 connections (tcp) or flows (udp) relayed, by stream "
+                                    "route", labels=["protocol", "route"])
+        stream_bytes = CounterMetricFamily("sluicegate_stream_bytes",
+                                           "L4 bytes relayed (ingress: from clients; egress: "
+                                           "to clients)", labels=["protocol", "route", "type"])
+        for (protocol, route), (count, received, sent) in sorted(snap.get("stream",
+                                                                          {}).items()):
+            flows.add_metric([protocol, route], count)
+            stream_bytes.add_metric([protocol, route, "ingress"], received)
+            stream_bytes.add_metric([protocol, route, "egress"], sent)
+        yield flows
+        yield stream_bytes
         for name, value in sorted(snap["gauges"].items()):
             gauge = GaugeMetricFamily(f"sluicegate_{name}", GAUGE_HELP.get(name, name))
             gauge.add_metric([], value)

@@ -27,6 +27,10 @@ class TproxyConfig(PluginConfig):
     destination port."""
     tproxy: bool = True
     """true: capture traffic transparently (TPROXY); false: an ordinary listener."""
+    mode: Literal["http", "tcp"] = "http"
+    """How intercepted TCP is handled: http parses it and runs it through the named
+    service (routes, plugins); tcp relays bytes (stream_routes, else the original
+    destination). Intercepted UDP is always relayed."""
     protocols: list[Literal["tcp", "udp"]] = Field(default_factory=lambda: ["tcp"],
                                                    min_length=1)
     """Protocols to capture."""
