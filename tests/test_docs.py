@@ -20,7 +20,9 @@ def test_readme_config_examples_validate(block):
     validate_config(yaml.safe_load(block))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*(ROOT / "examples").glob("*.yaml"),
+                                         *(ROOT / "bench").glob("sluicegate_*.yaml")]),
+                         ids=lambda p: p.name)
 def test_example_configs_validate(path):
     load_config_file(path)
 
