@@ -305,3 +305,34 @@ def test_stream_route_claims_intercepted_tcp_before_the_original_destination(rig
     assert status == 200 and body.startswith(f"server={rig.server_v4}")
     text = metrics(rig)
     assert 'sluicegate_stream_connections_total{protocol="tcp",route="to-8080"} 1.0' in text
+
+
+def test_two_workers_share_the_transparent_listener_and_the_supervisor_owns_the_rules(rig):
+    rig.start_nginx(80)
+    path = rig.workdir / "workers.yaml"
+    path.write_text(yaml.safe_dump(seed()))
+    process = rig.gateway.popen([PYTHON, "-m", "sluicegate", "run", "-c", str(path),
+                                 "--workers", "2"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+    rig.processes.append(process)
+    rig.gateway.wait_listening(80, process=process)
+    _wait_rules(rig)
+    for _ in range(6):  # new connections, spread over both workers by SO_REUSEPORT
+        body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
+        assert (status, body) == (200, f"server={rig.server_v4} remote={rig.gateway_server_v4}")
+    assert len(tables(rig)) == 1
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(20) == 0
+    assert tables(rig) == [] and fwmark_rules(rig) == []
+
+
+def test_spec_that_would_loop_onto_the_gateway_is_refused_with_one_line(rig):
+    path = rig.workdir / "loop.yaml"
+    path.write_text(yaml.safe_dump(seed(destinations=[f"{rig.gateway_client_v4}/32"])))
+    result = rig.gateway.run([PYTHON, "-m", "sluicegate", "run", "-c", str(path)],
+                             check=False, timeout=30)
+    assert result.returncode == 4, result
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert "cannot intercept" in output and "loop" in output.lower(), output
+    assert tables(rig) == [] and fwmark_rules(rig) == []
