@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from sluicegate.config.expr import compile_vars
+from sluicegate.config.nodes import coerce_id, nodes_from_map
 from sluicegate.stream.routes import StreamRouteConfig
 
 ObjectId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
@@ -30,11 +31,6 @@ class Strict(BaseModel):
     """Unknown fields are errors: a typo must not silently change behaviour."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-def _coerce_id(value: Any) -> Any:
-    # APISIX ids are strings, but YAML users write `id: 1`.
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class Timeout(Strict):
@@ -61,21 +57,6 @@ class UpstreamNodeConfig(Strict):
     priority: int = 0
 
 
-def _split_host_port(text: str) -> tuple[str, int | str]:
-    """`host:port` / `[v6]:port` / `host`; a port that is not a number is returned as
-    text for the field validator to reject with its path."""
-    if text.startswith("["):  # [v6]:port
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port_text = text.rpartition(":")
-        if not host:
-            host, port_text = text, ""
-    if not port_text:
-        return host, 80
-    return host, int(port_text) if port_text.isdigit() else port_text
-
-
 class UpstreamConfig(Strict):
     """A set of nodes and how to reach them."""
 
@@ -94,23 +75,12 @@ class UpstreamConfig(Strict):
     scheme: Literal["http"] = "http"
     keepalive_pool: KeepalivePool = Field(default_factory=KeepalivePool)
 
-    _id = field_validator("id", mode="before")(_coerce_id)
+    _id = field_validator("id", mode="before")(coerce_id)
 
     @field_validator("nodes", mode="before")
     @classmethod
     def _nodes_from_map(cls, value: Any) -> Any:
-        # APISIX accepts {"host:port": weight} as well as a list of node objects.
-        if isinstance(value, dict):
-            nodes, problems = [], []
-            for address, weight in value.items():
-                host, port = _split_host_port(str(address))
-                if not isinstance(port, int) or not 1 <= port <= 65535:
-                    problems.append(f"{str(address)!r} (port must be a number 1-65535)")
-                nodes.append({"host": host, "port": port, "weight": weight})
-            if problems:  # every bad key at once, named as the user wrote it
-                raise ValueError(f"bad node address {', '.join(problems)}")
-            return nodes
-        return value
+        return nodes_from_map(value, default_port=80)
 
     @model_validator(mode="after")
     def _check(self) -> UpstreamConfig:
@@ -147,7 +117,7 @@ class RouteConfig(Strict):
     service_id: ObjectId | None = None
     status: Literal[0, 1] = 1
 
-    _ids = field_validator("id", "upstream_id", "service_id", mode="before")(_coerce_id)
+    _ids = field_validator("id", "upstream_id", "service_id", mode="before")(coerce_id)
 
     @field_validator("uri", "uris")
     @classmethod
@@ -190,7 +160,7 @@ class ServiceConfig(Strict):
     upstream: UpstreamConfig | None = None
     upstream_id: ObjectId | None = None
 
-    _ids = field_validator("id", "upstream_id", mode="before")(_coerce_id)
+    _ids = field_validator("id", "upstream_id", mode="before")(coerce_id)
 
 
 class ConsumerConfig(Strict):
@@ -207,7 +177,7 @@ class GlobalRuleConfig(Strict):
     id: ObjectId | None = None
     plugins: PluginMap = Field(default_factory=dict)
 
-    _id = field_validator("id", mode="before")(_coerce_id)
+    _id = field_validator("id", mode="before")(coerce_id)
 
 
 class PluginEntry(Strict):

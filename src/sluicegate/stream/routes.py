@@ -43,6 +43,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sluicegate.config.nodes import coerce_id, nodes_from_map
 from sluicegate.http.balancer import Balancer, UpstreamNode, make_balancer
 
 __all__ = [
@@ -90,11 +91,6 @@ def parse_network(text: str) -> Network:
     return network
 
 
-def _coerce_id(value: Any) -> Any:
-    # APISIX ids are strings, but YAML users write `id: 1`.
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -115,19 +111,6 @@ class StreamUpstreamNodeConfig(_Strict):
     port: int = Field(ge=1, le=65535)
     weight: int = Field(1, ge=0, le=100_000)
     priority: int = 0
-
-
-def _split_host_port(text: str) -> tuple[str, int | str]:
-    """`host:port` / `[v6]:port`; a missing or non-numeric port is returned as text for the
-    validator to name."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port_text = text.rpartition(":")
-        if not host:
-            host, port_text = text, ""
-    return host, int(port_text) if port_text.isdigit() else port_text
 
 
 def _nodes_json_schema(schema: dict[str, Any]) -> None:
@@ -160,22 +143,12 @@ class StreamUpstreamConfig(_Strict):
     retries: int | None = Field(None, ge=0, le=100)
     scheme: Literal["tcp", "udp"] | None = None
 
-    _id = field_validator("id", mode="before")(_coerce_id)
+    _id = field_validator("id", mode="before")(coerce_id)
 
     @field_validator("nodes", mode="before")
     @classmethod
     def _nodes_from_map(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            nodes, problems = [], []
-            for address, weight in value.items():
-                host, port = _split_host_port(str(address))
-                if not isinstance(port, int) or not 1 <= port <= 65535:
-                    problems.append(f"{str(address)!r} (expected host:port, port 1-65535)")
-                nodes.append({"host": host, "port": port, "weight": weight})
-            if problems:
-                raise ValueError(f"bad node address {', '.join(problems)}")
-            return nodes
-        return value
+        return nodes_from_map(value)  # L4 has no default port: each node names its own
 
     @model_validator(mode="after")
     def _check(self) -> StreamUpstreamConfig:
@@ -209,7 +182,7 @@ class StreamRouteConfig(_Strict):
     upstream: StreamUpstreamConfig | None = None
     upstream_id: StreamObjectId | None = None
 
-    _ids = field_validator("id", "upstream_id", mode="before")(_coerce_id)
+    _ids = field_validator("id", "upstream_id", mode="before")(coerce_id)
 
     @field_validator("server_addr", "remote_addr")
     @classmethod
