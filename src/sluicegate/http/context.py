@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
 if TYPE_CHECKING:
     from sluicegate.http.snapshot import CompiledRoute
@@ -114,6 +114,13 @@ class RequestContext:
             self.query = query
             self._args = None
         self.uri_dirty = True
+
+    def remove_arg(self, name: str) -> None:
+        """Drop every `name=...` from the query sent upstream; the other arguments keep
+        their encoding (auth plugins hiding a credential)."""
+        kept = [part for part in self.query.split("&")
+                if part and unquote_plus(part.partition("=")[0]) != name]
+        self.set_uri(self.uri, "&".join(kept))
 
     # -- response headers (header_filter) -----------------------------------------------
     def get_response_header(self, name: str) -> str | None:

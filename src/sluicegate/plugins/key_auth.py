@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from urllib.parse import unquote_plus
-
 from pydantic import ConfigDict, Field
 
 from sluicegate.http.context import RequestContext
@@ -75,12 +73,5 @@ class KeyAuth(Plugin):
             if from_header:
                 ctx.remove_header(self.header)
             else:
-                ctx.set_uri(ctx.uri, _without_argument(ctx.query, self.query))
+                ctx.remove_arg(self.query)
         return None
-
-
-def _without_argument(query: str, name: str) -> str:
-    """The query string minus every `name=...`; the other arguments keep their encoding."""
-    kept = [part for part in query.split("&")
-            if part and unquote_plus(part.partition("=")[0]) != name]
-    return "&".join(kept)
