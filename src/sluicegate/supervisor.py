@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from sluicegate.config.model import parse_listen
 from sluicegate.http.snapshot import compile_snapshot
 from sluicegate.intercept.entries import InterceptionOwner, intercept_entries
 from sluicegate.intercept.tproxy import InterceptError
+from sluicegate.limits.counters import LIMITS_DIR_ENV
 from sluicegate.observe.exposition import serve_metrics
 from sluicegate.observe.metrics import merge_snapshots
 from sluicegate.plugins.base import PluginEnv
@@ -68,13 +72,17 @@ class Supervisor:
         self.workers: dict[int, WorkerHandle] = {}
         self.stopping = False
         self.restarts = 0
+        # Shared-memory rate-limit counters: one table for all workers (exact limits).
+        self.limits_dir: str | None = None
+        self.owns_limits_dir = False
 
     async def start_worker(self, index: int) -> None:
         parent, child = socket.socketpair()
         command = [sys.executable, "-m", "sluicegate", "--log-level", self.log_level, "worker",
                    "-c", self.config_path, "--index", str(index),
                    "--control-fd", str(child.fileno())]
-        process = subprocess.Popen(command, pass_fds=[child.fileno()])
+        env = {**os.environ, LIMITS_DIR_ENV: self.limits_dir} if self.limits_dir else None
+        process = subprocess.Popen(command, pass_fds=[child.fileno()], env=env)
         child.close()
         reader, writer = await asyncio.open_connection(sock=parent)
         self.workers[index] = WorkerHandle(index, process, reader, writer)
@@ -101,6 +109,18 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         if stop_requested():
             stop.set()
+        self.limits_dir = os.environ.get(LIMITS_DIR_ENV)  # an operator's dir wins, kept
+        if not self.limits_dir:
+            self.limits_dir = tempfile.mkdtemp(
+                prefix="sluicegate-limits-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            self.owns_limits_dir = True
+        try:
+            return await self._run_workers(stop)
+        finally:
+            if self.owns_limits_dir:
+                shutil.rmtree(self.limits_dir, ignore_errors=True)
+
+    async def _run_workers(self, stop: asyncio.Event) -> int:
         for index in range(self.count):
             await self.start_worker(index)
         if any(w.process.poll() is not None for w in self.workers.values()):
