@@ -196,3 +196,61 @@ class Gateway:
 def route_to(address: str, uri: str = "/*", **route: Any) -> dict[str, Any]:
     """A one-route config to one upstream node."""
     return {"routes": [{"id": "r1", "uri": uri, "upstream": {"nodes": {address: 1}}, **route}]}
+
+
+class TlsNginx:
+    """nginx as an HTTPS test backend: one TLS server per (cert, key) pair, on `ports[i]`.
+    /         -> 200, Nginx.BODY
+    /headers  -> 200, text: sni=$ssl_server_name client=$ssl_client_s_dn conn=$connection
+                 host=$http_host xproto=$http_x_forwarded_proto
+    With `client_ca`, every server asks for a client certificate signed by it (optional:
+    without one, client= is empty)."""
+
+    def __init__(self, workdir: Path, certificates: list[tuple[Path, Path]],
+                 client_ca: Path | None = None) -> None:
+        self.workdir = workdir
+        (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.ports = [free_port() for _ in certificates]
+        client = (f"ssl_client_certificate {client_ca}; ssl_verify_client optional;"
+                  if client_ca else "")
+        servers = "\n".join(f"""
+            server {{
+                listen 127.0.0.1:{port} ssl;
+                ssl_certificate {cert};
+                ssl_certificate_key {key};
+                {client}
+                location = / {{ default_type application/json; return 200 '{Nginx.BODY}'; }}
+                location = /headers {{ default_type text/plain; return 200 "sni=$ssl_server_name
+                    client=$ssl_client_s_dn conn=$connection host=$http_host
+                    xproto=$http_x_forwarded_proto"; }}
+            }}""" for port, (cert, key) in zip(self.ports, certificates, strict=True))
+        config = textwrap.dedent(f"""
+            user root;
+            worker_processes 1;
+            daemon off;
+            pid {workdir}/nginx.pid;
+            error_log {workdir}/error.log warn;
+            events {{ worker_connections 1024; }}
+            http {{
+                access_log off;
+                client_body_temp_path {workdir}/tmp/client_body;
+                proxy_temp_path {workdir}/tmp/proxy;
+                fastcgi_temp_path {workdir}/tmp/fastcgi;
+                uwsgi_temp_path {workdir}/tmp/uwsgi;
+                scgi_temp_path {workdir}/tmp/scgi;
+                keepalive_requests 100000;
+                {servers}
+            }}
+        """)
+        self.config = workdir / "nginx.conf"
+        self.config.write_text(config)
+        self.process = subprocess.Popen([NGINX, "-c", str(self.config), "-p", str(workdir)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for port in self.ports:
+            wait_for_port(port, process=self.process)
+
+    def address(self, index: int = 0) -> str:
+        return f"127.0.0.1:{self.ports[index]}"
+
+    def stop(self) -> None:
+        stop(self.process)

@@ -23,6 +23,7 @@ from typing import Any
 
 from sluicegate.config.load import ValidatedConfig
 from sluicegate.config.model import parse_listen
+from sluicegate.http.health import has_checks, healthcheck_response, merge_reports
 from sluicegate.http.snapshot import compile_snapshot
 from sluicegate.intercept.entries import InterceptionOwner, intercept_entries
 from sluicegate.intercept.tproxy import InterceptError
@@ -101,6 +102,11 @@ class Supervisor:
         merged["gauges"]["worker_restarts"] = self.restarts
         return merged
 
+    async def gather_healthcheck(self, path: str) -> tuple[int, Any]:
+        results = await asyncio.gather(*(w.metrics() for w in self.workers.values()))
+        report = merge_reports(r.get("healthcheck", []) for r in results if r is not None)
+        return healthcheck_response(report, path)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -144,9 +150,10 @@ class Supervisor:
         settings = self.validated.config.gateway
         snapshot = compile_snapshot(self.validated.config, PluginEnv())
         metrics_server = None
-        if snapshot.metrics_enabled and not stop.is_set():
+        if (snapshot.metrics_enabled or has_checks(snapshot)) and not stop.is_set():
             host, port = parse_listen(settings.metrics_listen)
-            metrics_server = await serve_metrics(host, port, self.gather_metrics)
+            metrics_server = await serve_metrics(host, port, self.gather_metrics,
+                                                 self.gather_healthcheck)
         log.info("supervisor started %d workers", self.count)
         while not stop.is_set():
             try:

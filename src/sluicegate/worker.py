@@ -18,7 +18,10 @@ from typing import Any
 
 from sluicegate.config.load import ConfigError, ValidatedConfig, load_config_file
 from sluicegate.config.model import parse_listen
+from sluicegate.config.tls import https_listen_addresses
 from sluicegate.http.clock import CLOCK
+from sluicegate.http.health import HealthCheckers, has_checks, healthcheck_response
+from sluicegate.http.https import listen_https
 from sluicegate.http.server import HttpServer
 from sluicegate.http.snapshot import Snapshot, compile_snapshot
 from sluicegate.intercept.entries import InterceptEntry, InterceptionOwner, intercept_entries
@@ -67,6 +70,7 @@ class Worker:
         self.server: HttpServer | None = None
         self.stopping: asyncio.Event | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.health = HealthCheckers()  # upstream health state and probe tasks
         self.stream: StreamPlane | None = None
 
     def compile(self, validated: ValidatedConfig) -> Snapshot:
@@ -82,11 +86,13 @@ class Worker:
             self.stopping.set()
         CLOCK.start(loop)
         snapshot = self.compile(self.validated)
+        self.health.attach(snapshot)
         self.server = server = HttpServer(snapshot)
         CLOCK.extra.append(server.tick)
         for address in snapshot.config.gateway.listen:
             host, port = parse_listen(address)
             await server.listen(host, port, self.reuse_port)
+        await listen_https(server, snapshot.config, self.reuse_port)
         entries = intercept_entries(snapshot.config)
         await self._listen_for_entries(entries)
         self.stream = StreamPlane(snapshot.config, self.reuse_port, self._stream_closed)
@@ -124,13 +130,16 @@ class Worker:
         server = self.server
         assert server is not None and self.stopping is not None
         metrics_server = None
-        if self.control is None and snapshot.metrics_enabled:
+        # The listener also answers GET /v1/healthcheck (APISIX's control API).
+        if self.control is None and (snapshot.metrics_enabled or has_checks(snapshot)):
             host, port = parse_listen(snapshot.config.gateway.metrics_listen)
-            metrics_server = await serve_metrics(host, port, self._local_metrics)
+            metrics_server = await serve_metrics(host, port, self._local_metrics,
+                                                 self._healthcheck)
         if self.control is not None:
             self.control.send(b"R")  # ready: the supervisor may now forward signals
             self._spawn(self._answer_control())
-        listening = ", ".join(snapshot.config.gateway.listen)
+        listening = ", ".join(snapshot.config.gateway.listen + [
+            f"https {address}" for address in https_listen_addresses(snapshot.config)])
         log.info("worker %d (pid %d) serving %d routes on %s", self.index, os.getpid(),
                  len(snapshot.routes), listening)
         await self.stopping.wait()
@@ -138,6 +147,7 @@ class Worker:
                  snapshot.config.gateway.drain_timeout)
         if metrics_server is not None:
             metrics_server.close()
+        self.health.stop()
         clean = await server.drain(server.snapshot.config.gateway.drain_timeout)
         if self.stream is not None:
             await self.stream.drain(server.snapshot.config.gateway.drain_timeout)
@@ -174,6 +184,11 @@ class Worker:
         old = self.server.snapshot.config.gateway
         if snapshot.config.gateway.listen != old.listen:
             log.warning("gateway.listen changed: restart to apply new listeners")
+        if https_listen_addresses(snapshot.config) != \
+                https_listen_addresses(self.server.snapshot.config):
+            log.warning("HTTPS listeners changed (gateway.https_listen or ssls): restart to "
+                        "apply them; certificates are applied now")
+        self.health.attach(snapshot)  # before traffic sees it: the state carries over
         self.server.swap(snapshot)
         if self.stream is not None:
             self.stream.swap(snapshot.config)
@@ -196,7 +211,11 @@ class Worker:
             snap["gauges"]["http_connections"] = len(server.connections)
             snap["gauges"]["upstream_idle_connections"] = server.pool.idle_count()
             snap["gauges"]["workers"] = 1
+        snap.update(self.health.metrics())
         return snap
+
+    async def _healthcheck(self, path: str) -> tuple[int, Any]:
+        return healthcheck_response(self.health.report(), path)
 
     async def _local_metrics(self) -> dict[str, Any]:
         snap = self.metrics_snapshot()

@@ -486,8 +486,9 @@ def test_unknown_balancer_type_is_rejected():
              "routes[0].upstream.type")
 
 
-def test_only_http_scheme_is_accepted():
-    error_at(errors_of(one_route(upstream={"nodes": dict(NODES), "scheme": "https"})),
+def test_only_http_and_https_schemes_are_accepted():
+    validate_config(one_route(upstream={"nodes": dict(NODES), "scheme": "https"}))
+    error_at(errors_of(one_route(upstream={"nodes": dict(NODES), "scheme": "grpc"})),
              "routes[0].upstream.scheme")
 
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from sluicegate.config.model import GatewayConfig, RouteConfig, ServiceConfig
+from sluicegate.config.tls import check_tls
 from sluicegate.plugins.base import load_plugins, validate_plugin, validation_errors
 from sluicegate.stream.routes import compile_stream_routes
 
@@ -71,6 +72,7 @@ def validate_config(data: dict[str, Any]) -> ValidatedConfig:
     _check_unique_ids(config, errors)
     _check_plugins(config, errors, warnings)
     _check_references(config, errors)
+    check_tls(config, errors, warnings)
     for index, route in enumerate(config.routes):
         _check_route_addresses(route, f"routes[{index}]", errors)
     try:

@@ -17,8 +17,10 @@ from pydantic import (
     model_validator,
 )
 
+from sluicegate.config.checks import HealthChecks
 from sluicegate.config.expr import compile_vars
 from sluicegate.config.nodes import coerce_id, nodes_from_map
+from sluicegate.config.tls import SslConfig, UpstreamTlsConfig
 from sluicegate.stream.routes import StreamRouteConfig
 
 ObjectId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
@@ -72,8 +74,11 @@ class UpstreamConfig(Strict):
     retry_timeout: float = Field(0, ge=0)
     pass_host: Literal["pass", "node", "rewrite"] = "pass"
     upstream_host: str | None = None
-    scheme: Literal["http"] = "http"
+    scheme: Literal["http", "https"] = "http"
+    tls: UpstreamTlsConfig | None = None
+    """With scheme https: verification (on by default), CA file, client cert, SNI."""
     keepalive_pool: KeepalivePool = Field(default_factory=KeepalivePool)
+    checks: HealthChecks | None = None
 
     _id = field_validator("id", mode="before")(coerce_id)
 
@@ -218,6 +223,9 @@ class GatewaySettings(Strict):
     client_header_timeout: float = Field(60.0, gt=0, le=3600)
     keepalive_timeout: float = Field(60.0, ge=0, le=86_400)
     stream_proxy: StreamProxySettings = Field(default_factory=StreamProxySettings)
+    https_listen: list[ListenAddress] | None = None
+    """HTTPS listeners (certificates from `ssls`); null: ["0.0.0.0:9443"] when `ssls` has
+    an enabled entry, else none."""
 
 
 def parse_listen(address: str) -> tuple[str, int]:
@@ -247,3 +255,4 @@ class GatewayConfig(Strict):
     consumers: list[ConsumerConfig] = Field(default_factory=list)
     global_rules: list[GlobalRuleConfig] = Field(default_factory=list)
     stream_routes: list[StreamRouteConfig] = Field(default_factory=list)
+    ssls: list[SslConfig] = Field(default_factory=list)

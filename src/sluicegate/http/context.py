@@ -25,6 +25,8 @@ class RequestContext:
         "server_port", "start_time", "upgrade", "upstream_addr", "upstream_host",
         "upstream_latency", "upstream_status", "uri", "uri_dirty", "vars", "version",
     )
+    # A class attribute, not a slot: HttpsRequestContext (http/https.py) says "https".
+    scheme = "http"
 
     def __init__(self, method: str, uri: str, query: str, raw_headers: list[tuple[bytes, bytes]],
                  host: str, remote: tuple[str, int], server: tuple[str, int],
@@ -189,7 +191,7 @@ _VARS = {
     "remote_port": lambda c: str(c.remote_port),
     "server_addr": lambda c: c.server_addr,
     "server_port": lambda c: str(c.server_port),
-    "scheme": lambda c: "http",
+    "scheme": lambda c: c.scheme,
     "server_protocol": lambda c: f"HTTP/{c.version}",
     "consumer_name": lambda c: c.consumer_name,
     "route_id": _route_id,

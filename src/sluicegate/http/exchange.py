@@ -242,21 +242,28 @@ class Exchange:
             return
         self.node = node
         self.ctx.upstream_addr = node.address
-        connection = self.client.server.pool.acquire(node.key)
+        tls = upstream.tls
+        # https: pooled apart from plain connections, per TLS name and settings (http/tls.py)
+        key = node.key if tls is None else tls.pool_key(node, self.ctx)
+        connection = self.client.server.pool.acquire(key)
         if connection is not None:
             self.reused = True
             self.attach(connection)
             return
         self.reused = False
         self.connect_task = asyncio.get_running_loop().create_task(
-            self._connect(node, upstream.connect_timeout, upstream.source_from_client))
+            self._connect(node, upstream.connect_timeout, upstream.source_from_client, key))
 
-    async def _open(self, node: UpstreamNode, from_client: bool) -> UpstreamConnection:
+    async def _open(self, node: UpstreamNode, from_client: bool, key: Any) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         pool = self.client.server.pool
+        tls = self.route.upstream.tls  # type: ignore[union-attr]
+        # TLS: the handshake (and certificate verification) happens inside the connect
+        # timeout; a failed verification is an OSError (ssl.SSLError) like a refused connect.
+        options = {} if tls is None else tls.connect_options(key[2])
         if not from_client:
             _, connection = await loop.create_connection(
-                lambda: UpstreamConnection(pool, node.key), node.host, node.port)
+                lambda: UpstreamConnection(pool, key), node.host, node.port, **options)
             return connection
         # preserve_source: the upstream sees the client's address (IP_TRANSPARENT bind).
         from sluicegate.intercept.sockets import transparent_connect_socket
@@ -265,15 +272,16 @@ class Exchange:
         try:
             await loop.sock_connect(sock, (node.host, node.port))
             _, connection = await loop.create_connection(
-                lambda: UpstreamConnection(pool, node.key), sock=sock)
+                lambda: UpstreamConnection(pool, key), sock=sock, **options)
         except BaseException:
             sock.close()
             raise
         return connection
 
-    async def _connect(self, node: UpstreamNode, timeout: float, from_client: bool) -> None:
+    async def _connect(self, node: UpstreamNode, timeout: float, from_client: bool,
+                       key: Any) -> None:
         try:
-            connection = await asyncio.wait_for(self._open(node, from_client), timeout)
+            connection = await asyncio.wait_for(self._open(node, from_client, key), timeout)
         except asyncio.CancelledError:
             raise
         except (TimeoutError, OSError) as exc:
@@ -293,7 +301,10 @@ class Exchange:
                     "connect timed out" if timed_out else f"connect failed: {exc}")
         self._node_failed(node)
         assert self.route is not None
-        if self.attempts <= self.route.upstream.retries:
+        health = self.route.upstream.health
+        if health is not None:
+            health.passive_failure(node, timed_out)
+        if self.may_retry():
             self.connect_upstream()
         elif self.ctx.intercept_mode is not None and not self.route.upstream.nodes:
             # Transparent traffic to its own destination: the client must see what it
@@ -304,6 +315,15 @@ class Exchange:
             self.respond_error(504, "upstream connect timed out")
         else:
             self.respond_error(502, "upstream connect failed")
+
+    def may_retry(self) -> bool:
+        """Another node may be tried: retries left and, with `retry_timeout`, time left
+        (counted from the request's arrival)."""
+        upstream = self.route.upstream  # type: ignore[union-attr]
+        if self.attempts > upstream.retries:
+            return False
+        limit = upstream.retry_timeout
+        return not limit or time.monotonic() - self.ctx.start_time < limit
 
     def _node_failed(self, node: UpstreamNode) -> None:
         self.attempts += 1
@@ -384,6 +404,9 @@ class Exchange:
         ctx = self.ctx
         ctx.upstream_status = ctx.response_status = status
         ctx.upstream_latency = time.monotonic() - self.upstream_started
+        health = self.route.upstream.health  # type: ignore[union-attr]
+        if health is not None:
+            health.passive_status(self.node, status)  # type: ignore[arg-type]
         if status == 101:
             self.upgrading = True
             head = [status_line(101)]
@@ -496,6 +519,9 @@ class Exchange:
 
     def upstream_protocol_error(self, connection: UpstreamConnection, reason: str) -> None:
         log.warning("bad response from upstream %s: %s", self.ctx.upstream_addr, reason)
+        health = self.route.upstream.health  # type: ignore[union-attr]
+        if health is not None and not self.head_sent:
+            health.passive_failure(self.node, False)  # type: ignore[arg-type]
         self.release_upstream(False)
         if self.head_sent:
             self.client.abort()
@@ -523,8 +549,11 @@ class Exchange:
                 return
             assert self.node is not None and self.route is not None
             self.route.upstream.balancer.on_request_end(self.node, 0.0, True)
+            health = self.route.upstream.health
+            if health is not None:
+                health.passive_failure(self.node, False)
             self._node_failed(self.node)
-            if self.attempts <= self.route.upstream.retries and replayable:
+            if replayable and self.may_retry():
                 self.connect_upstream()
             else:
                 self.respond_error(502, "upstream closed the connection")
@@ -560,6 +589,8 @@ class Exchange:
         else:
             return
         log.warning("%s (%s)", reason, self.ctx.upstream_addr)
+        if upstream.health is not None and not self.head_sent:
+            upstream.health.passive_failure(self.node, True)  # type: ignore[arg-type]
         self.release_upstream(False)
         if self.head_sent:
             self.client.abort()

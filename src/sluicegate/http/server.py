@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 from collections import deque
 from typing import Any
@@ -53,6 +54,11 @@ class ClientConnection(asyncio.Protocol):
     PAUSE_PIPELINE = 1
     PAUSE_BODY = 2
     PAUSE_UPSTREAM = 4
+    # What the listener speaks; HttpsClientConnection (http/https.py) overrides these, so
+    # plain HTTP pays nothing for TLS.
+    scheme = "http"
+    forwarded_proto = b"http"
+    context_class = RequestContext
 
     __slots__ = (
         "closing",
@@ -141,7 +147,8 @@ class ClientConnection(asyncio.Protocol):
             # A TPROXY socket's local address is where the client was connecting to.
             self.original_destination = self.sockname
         ip = self.peer[0].encode()
-        self.forwarded_base = b"X-Real-IP: %s\r\nX-Forwarded-Proto: http\r\n" % ip
+        self.forwarded_base = b"X-Real-IP: %s\r\nX-Forwarded-Proto: %s\r\n" % (
+            ip, self.forwarded_proto)
         self.server.connections.add(self)
         if self.server.draining:
             self.closing = True
@@ -266,8 +273,8 @@ class ClientConnection(asyncio.Protocol):
         host = self.host.decode("latin-1").lower()
         if host:
             host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        ctx = RequestContext(method.decode(), path_text, query.decode("latin-1"), self.headers,
-                             host, self.peer, self.sockname, version)
+        ctx = self.context_class(method.decode(), path_text, query.decode("latin-1"),
+                                 self.headers, host, self.peer, self.sockname, version)
         if self.original_destination is not None:
             ctx.original_destination = self.original_destination
             ctx.intercept_mode = self.intercept_mode
@@ -498,7 +505,8 @@ class HttpServer:
         self.snapshot = snapshot
 
     async def listen(self, host: str, port: int, reuse_port: bool = False,
-                     scope: str | None = None) -> None:
+                     scope: str | None = None, ssl_context: ssl.SSLContext | None = None,
+                     connection_class: type[ClientConnection] = ClientConnection) -> None:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -509,8 +517,14 @@ class HttpServer:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
         sock.setblocking(False)
-        server = await loop.create_server(lambda: ClientConnection(self, None, scope),
-                                          sock=sock, backlog=4096)
+        tls: dict[str, Any] = {} if ssl_context is None else {
+            # nginx bounds the handshake by client_header_timeout too. A TLS close waits for
+            # the client's close_notify, dropping what it still sends: the lingering close
+            # of plain HTTP, bounded the same way (and so is a drain).
+            "ssl": ssl_context, "ssl_shutdown_timeout": LINGER_SECONDS,
+            "ssl_handshake_timeout": self.snapshot.config.gateway.client_header_timeout}
+        server = await loop.create_server(lambda: connection_class(self, None, scope),
+                                          sock=sock, backlog=4096, **tls)
         self.servers.append(server)
 
     def accept_socket(self, sock: socket.socket, original_destination: tuple[str, int],

@@ -17,7 +17,14 @@ from sluicegate.http.balancer import (
     UpstreamNode,
     make_balancer,
 )
+from sluicegate.http.health import HealthCheckedBalancer, UpstreamHealth
 from sluicegate.http.router import RouteTable
+from sluicegate.http.tls import (
+    CertificateSet,
+    UpstreamTls,
+    compile_certificates,
+    compile_upstream_tls,
+)
 from sluicegate.plugins.base import (
     Consumer,
     PluginChain,
@@ -34,9 +41,10 @@ PluginEntries = list[tuple[str, Any, PluginMeta]]
 class Upstream:
     """Runtime upstream: nodes, balancer, timeouts, host policy."""
 
-    __slots__ = ("balancer", "connect_timeout", "id", "idle_timeout", "keepalive_requests",
-                 "keepalive_size", "nodes", "pass_host", "read_timeout", "retries",
-                 "send_timeout", "source_from_client", "upstream_host")
+    __slots__ = ("balancer", "connect_timeout", "health", "id", "idle_timeout",
+                 "keepalive_requests", "keepalive_size", "nodes", "pass_host", "read_timeout",
+                 "retries", "retry_timeout", "send_timeout", "source_from_client", "tls",
+                 "upstream_host")
 
     def __init__(self, conf: UpstreamConfig, id: str) -> None:
         self.id = id
@@ -48,6 +56,12 @@ class Upstream:
         usable = sum(1 for n in self.nodes if n.weight > 0)
         # APISIX: retries defaults to the number of nodes minus one.
         self.retries = conf.retries if conf.retries is not None else max(usable - 1, 0)
+        self.retry_timeout = conf.retry_timeout  # seconds from the request's arrival; 0: none
+        # checks: unhealthy nodes leave the balancer (http/health.py); None costs nothing.
+        self.health: UpstreamHealth | None = None
+        if conf.checks is not None:
+            self.health = UpstreamHealth(id, conf, self.nodes)
+            self.balancer = HealthCheckedBalancer(self.balancer, self.health)
         self.pass_host = conf.pass_host
         self.upstream_host = conf.upstream_host
         self.keepalive_size = conf.keepalive_pool.size
@@ -55,6 +69,8 @@ class Upstream:
         self.keepalive_requests = conf.keepalive_pool.requests
         # Intercepted traffic with preserve_source: connect from the client's own address.
         self.source_from_client = False
+        # scheme https: the client SSLContext and TLS name policy; None for plain HTTP.
+        self.tls: UpstreamTls | None = compile_upstream_tls(conf)
 
 
 def original_destination_upstream(id: str) -> Upstream:
@@ -98,8 +114,8 @@ class InterceptScope:
 class Snapshot:
     """Everything the data plane needs for one config version."""
 
-    __slots__ = ("config", "env", "global_chain", "routes", "scopes", "table", "unavailable",
-                 "upstreams", "version")
+    __slots__ = ("certificates", "config", "env", "global_chain", "routes", "scopes", "table",
+                 "unavailable", "upstreams", "version")
 
     def __init__(self, config: GatewayConfig, table: RouteTable, routes: list[CompiledRoute],
                  upstreams: dict[str, Upstream], global_chain: PluginChain, env: PluginEnv,
@@ -114,6 +130,8 @@ class Snapshot:
         self.env = env
         self.unavailable = unavailable
         self.version = version
+        # Server certificates by SNI for the HTTPS listeners (set by compile_snapshot).
+        self.certificates: CertificateSet | None = None
 
     @property
     def metrics_enabled(self) -> bool:
@@ -188,8 +206,10 @@ def compile_snapshot(config: GatewayConfig, env: PluginEnv, version: int = 1) ->
         _add_route(table, route, compiled, order, service)
     scopes = _intercept_scopes(config, compiled_pairs, upstreams, service_extra,
                                global_chain, env)
-    return Snapshot(config, table.freeze(), routes, upstreams, global_chain, env, unavailable,
-                    version, scopes)
+    snapshot = Snapshot(config, table.freeze(), routes, upstreams, global_chain, env,
+                        unavailable, version, scopes)
+    snapshot.certificates = compile_certificates(config)
+    return snapshot
 
 
 def _add_route(table: RouteTable, route: RouteConfig, compiled: CompiledRoute, order: int,

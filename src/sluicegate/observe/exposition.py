@@ -7,6 +7,7 @@ worker for its counters at scrape time and reports the sum.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,6 +20,8 @@ from sluicegate.observe.metrics import SnapshotCollector
 log = logging.getLogger("sluicegate.metrics")
 
 SnapshotSource = Callable[[], Awaitable[dict[str, Any]]]
+# GET /v1/healthcheck...: path -> (HTTP status, JSON-able body); see http/health.py.
+HealthcheckSource = Callable[[str], Awaitable[tuple[int, Any]]]
 # A scrape request head larger than this is not a scraper.
 MAX_SCRAPE_HEAD = 16 * 1024
 
@@ -29,7 +32,8 @@ def render(snapshot: dict[str, Any]) -> bytes:
     return generate_latest(registry)
 
 
-async def serve_metrics(host: str, port: int, source: SnapshotSource) -> asyncio.AbstractServer:
+async def serve_metrics(host: str, port: int, source: SnapshotSource,
+                        healthcheck: HealthcheckSource | None = None) -> asyncio.AbstractServer:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -42,6 +46,12 @@ async def serve_metrics(host: str, port: int, source: SnapshotSource) -> asyncio
                 body = render(await source())
                 if request_line[0] == b"HEAD":
                     body = b""
+            elif healthcheck is not None and request_line[0] == b"GET" and \
+                    request_line[1].startswith(b"/v1/healthcheck"):
+                code, payload = await healthcheck(
+                    request_line[1].split(b"?")[0].decode("latin-1"))
+                status = b"200 OK" if code == 200 else b"404 Not Found"
+                body, ctype = json.dumps(payload).encode(), b"application/json"
             else:
                 status, body, ctype = b"404 Not Found", b"try /metrics\n", b"text/plain"
             writer.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"

@@ -113,6 +113,14 @@ def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
             target = merged[name]
             for key, value in snap.get(name, {}).items():
                 target[key] = target.get(key, 0) + value
+        # Health checks run per worker: a node counts as healthy when every worker finds it
+        # so; requests proxied to all-unhealthy upstreams add up.
+        health = merged.setdefault("upstream_health", {})
+        for key, value in snap.get("upstream_health", {}).items():
+            health[key] = min(health.get(key, value), value)
+        fallbacks = merged.setdefault("upstream_all_unhealthy", {})
+        for key, value in snap.get("upstream_all_unhealthy", {}).items():
+            fallbacks[key] = fallbacks.get(key, 0) + value
         stream = merged.setdefault("stream", {})
         for key, counts in snap.get("stream", {}).items():
             stream[key] = [a + b for a, b in zip(stream.get(key, [0, 0, 0]), counts,
@@ -195,6 +203,20 @@ class SnapshotCollector(Collector):
             stream_bytes.add_metric([protocol, route, "egress"], sent)
         yield flows
         yield stream_bytes
+        healthy = GaugeMetricFamily(
+            "sluicegate_upstream_node_healthy",
+            "1 when the upstream's health checks find the node healthy (in every worker), "
+            "else 0", labels=["upstream", "node"])
+        for key, value in sorted(snap.get("upstream_health", {}).items()):
+            healthy.add_metric(list(key), value)
+        yield healthy
+        all_unhealthy = CounterMetricFamily(
+            "sluicegate_upstream_all_unhealthy",
+            "Requests proxied to an upstream while every node was unhealthy (APISIX "
+            "proxies anyway)", labels=["upstream"])
+        for upstream, value in sorted(snap.get("upstream_all_unhealthy", {}).items()):
+            all_unhealthy.add_metric([upstream], value)
+        yield all_unhealthy
         for name, value in sorted(snap["gauges"].items()):
             gauge = GaugeMetricFamily(f"sluicegate_{name}", GAUGE_HELP.get(name, name))
             gauge.add_metric([], value)
