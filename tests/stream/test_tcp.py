@@ -548,7 +548,8 @@ def test_drain_waits_for_open_connections_then_resets_them(start_relay, upstream
     assert round_trip(client, b"x") == b"x"
     started = time.monotonic()
     clean = relay.call(relay.server.drain, 0.3)
-    assert clean is False and time.monotonic() - started >= 0.3
+    # (asyncio timers may fire a fraction of a millisecond early)
+    assert clean is False and time.monotonic() - started >= 0.29
     with pytest.raises(ConnectionResetError):
         client.recv(1)
     client.close()
