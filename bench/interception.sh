@@ -441,12 +441,12 @@ iperf_host() { if [[ $1 == explicit ]]; then echo "$GC4"; else echo "$S4"; fi; }
 
 wrk_load() {   # wrk_load URL SECONDS [extra wrk args]: in the client ns, pinned to LOAD_CPU
     local url=$1 secs=$2; shift 2
-    timeout $((secs + 30)) taskset -c "$LOAD_CPU" ip netns exec "$NS_C" \
+    timeout --foreground $((secs + 30)) taskset -c "$LOAD_CPU" ip netns exec "$NS_C" \
         wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" --timeout "${WRK_TIMEOUT}s" --latency "$@" "$url"
 }
 
 iperf_load() {   # iperf_load HOST SECONDS: in the client ns, pinned to LOAD_CPU, JSON on stdout
-    timeout $(($2 + 30)) taskset -c "$LOAD_CPU" ip netns exec "$NS_C" \
+    timeout --foreground $(($2 + 30)) taskset -c "$LOAD_CPU" ip netns exec "$NS_C" \
         iperf3 -c "$1" -p "$IPERF_PORT" -t "$2" -J
 }
 
