@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the tests need: nginx (test backend), promtool (metrics lint), curl,
-# nftables + iproute2 (TPROXY interception in test namespaces), iperf3 (stream tests).
-TEST_PACKAGES := nginx-light prometheus curl nftables iproute2 iperf3
+# nftables + iproute2 (TPROXY interception in test namespaces), iperf3 (stream tests),
+# redis-server (cluster-wide rate limits), etcd-server (cluster config store).
+TEST_PACKAGES := nginx-light prometheus curl nftables iproute2 iperf3 redis-server etcd-server
 BENCH_PACKAGES := nginx-light haproxy wrk curl
 
 .PHONY: run test venv deps lint bench clean

@@ -1,0 +1,71 @@
+"""The contract every config store keeps, and the state it hands out.
+
+A store holds the *resources* (routes, services, upstreams…) keyed by kind and id, plus
+the *base*: the rest of the document (gateway settings, the short-form `plugins:` list,
+`admin:`), which always comes from the local file. `StoreState.document()` is the dict
+`validate_config` takes. Writers (the Admin API) validate the whole resulting document
+before they call `put`/`delete`; followers (every worker) apply each state the feed
+yields, all or nothing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# Resource kinds, in the order they appear in a config document. Paths of the Admin API
+# are /apisix/admin/<kind>; etcd keys are <prefix>/<kind>/<id>.
+RESOURCE_KINDS = ("upstreams", "services", "routes", "consumers", "consumer_groups",
+                  "plugin_configs", "global_rules", "stream_routes", "ssls")
+
+
+class StoreError(Exception):
+    """The store cannot be read or written (unreachable, refused, malformed reply)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    kind: str
+    id: str
+    value: dict[str, Any]  # the resource as JSON, with its "id" field set
+    created_index: int
+    modified_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreState:
+    revision: int
+    base: dict[str, Any]
+    items: dict[str, dict[str, StoredItem]] = field(default_factory=dict)  # kind → id → item
+
+    def document(self) -> dict[str, Any]:
+        """The config document to validate: base plus every resource list."""
+        doc = {key: value for key, value in self.base.items() if key not in RESOURCE_KINDS}
+        for kind in RESOURCE_KINDS:
+            found = self.items.get(kind)
+            if found:
+                doc[kind] = [item.value for item in found.values()]
+        return doc
+
+
+class ConfigStore(ABC):
+    """A config source. `load` reads everything; `watch` yields each later state."""
+
+    @abstractmethod
+    async def load(self) -> StoreState: ...
+
+    @abstractmethod
+    def watch(self, after: StoreState) -> AsyncIterator[StoreState]:
+        """Yield the full state after each change later than `after.revision`; survive
+        lost connections and compaction by re-loading (and say so in the log)."""
+
+    @abstractmethod
+    async def put(self, kind: str, item_id: str, value: dict[str, Any]) -> StoredItem: ...
+
+    @abstractmethod
+    async def delete(self, kind: str, item_id: str) -> StoredItem | None: ...
+
+    async def close(self) -> None:
+        return None
