@@ -302,7 +302,7 @@ gateway:
   drain_timeout: 1
 plugins:
   - name: tproxy
-    config: {listen: "0.0.0.0:$IPERF_PORT", tproxy: true, mode: tcp$(tproxy_extra)}
+    config: {listen: "0.0.0.0:$IPERF_PORT", tproxy: true, handle: tcp$(tproxy_extra)}
 EOF
 }
 

@@ -182,7 +182,7 @@ def test_run_with_an_unsupported_interception_combination_exits_3(tmp_path):
     # seed config itself runs in tests/intercept, inside a namespace.) An ordinary listener
     # asked to relay TCP at L4 is not something this version does; run says so and stops.
     seed = yaml.safe_load(SEED_YAML)
-    seed["plugins"][0]["config"] = {"listen": "127.0.0.1:1", "tproxy": False, "mode": "tcp"}
+    seed["plugins"][0]["config"] = {"listen": "127.0.0.1:1", "tproxy": False, "handle": "tcp"}
     result = sluicegate("run", "-c", str(write(tmp_path / "seed-l4.yaml", seed)),
                         timeout=20)
     assert result.returncode == NOT_AVAILABLE, result.stderr

@@ -86,6 +86,14 @@ def test_seed_config_intercepts_http_and_sends_it_to_its_original_destination(ri
     assert body == f"server={rig.server_v4} remote={rig.gateway_server_v4}"
 
 
+def test_top_level_interception_block_intercepts_like_the_plugin_entry(rig):
+    rig.start_nginx(80)
+    start_gateway(rig, {"interception": {"listen": "0.0.0.0:80", "preserve_source": True},
+                        "plugins": [{"name": "prometheus", "config": {"metrics": True}}]})
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
+    assert status == 200 and body == f"server={rig.server_v4} remote={rig.client_v4}"
+
+
 def test_intercepted_ipv6_http_reaches_its_original_destination(rig):
     rig.start_nginx(80)
     start_gateway(rig, seed())
@@ -188,6 +196,43 @@ def test_sigterm_removes_every_rule_and_route_it_installed(rig):
     assert status == 200 and body.endswith(f"remote={rig.client_v4}")
 
 
+def transparent_timewait(rig: Rig) -> list[str]:
+    out = rig.gateway.run(["ss", "-tnH", "state", "time-wait"]).stdout
+    # Columns: Recv-Q Send-Q Local Peer; the gateway's transparent side is the server's.
+    return [line for line in out.splitlines() if line.split()[2:3] == [f"{rig.server_v4}:80"]]
+
+
+# Sends one `Connection: close` request from a fixed source port and reads until the
+# server side closes: the gateway's transparent socket closes first and stays in TIME_WAIT.
+CLOSE_FIRST_CLIENT = """
+import socket, sys
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("0.0.0.0", int(sys.argv[2])))
+sock.connect((sys.argv[1], 80))
+sock.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+data = b""
+while chunk := sock.recv(65536):
+    data += chunk
+print(data.split(b" ")[1].decode())
+"""
+
+
+def test_after_stop_a_client_reusing_its_source_port_reaches_the_server_directly(rig):
+    # A TIME_WAIT socket with the server's address as its local address makes the router
+    # drop a later SYN on the same 4-tuple; stopping must clear them (fail-open).
+    rig.start_nginx(80)
+    process = start_gateway(rig, seed())
+    port = "40123"
+    assert rig.client.python(CLOSE_FIRST_CLIENT, rig.server_v4, port).stdout.strip() == "200"
+    assert transparent_timewait(rig), "expected the gateway's socket in TIME_WAIT"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    assert transparent_timewait(rig) == []
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/", "--local-port", port))
+    assert status == 200 and body.endswith(f"remote={rig.client_v4}")
+
+
 def test_restart_after_kill_9_leaves_exactly_one_table(rig):
     rig.start_nginx(80)
     first = start_gateway(rig, seed(), "first")
@@ -257,7 +302,7 @@ def start_l4_gateway(rig: Rig, config: dict[str, Any]) -> subprocess.Popen[str]:
 
 def test_intercepted_tcp_in_tcp_mode_is_relayed_to_its_original_destination(rig):
     rig.start_nginx(80)
-    start_l4_gateway(rig, seed(mode="tcp"))
+    start_l4_gateway(rig, seed(handle="tcp"))
     for url, server, gateway in ((f"http://{rig.server_v4}/", rig.server_v4,
                                   rig.gateway_server_v4),
                                  (f"http://[{rig.server_v6}]/", rig.server_v6,
@@ -271,7 +316,7 @@ def test_intercepted_tcp_in_tcp_mode_is_relayed_to_its_original_destination(rig)
 
 def test_intercepted_tcp_relay_preserves_the_client_address(rig):
     rig.start_nginx(80)
-    start_l4_gateway(rig, seed(mode="tcp", preserve_source=True))
+    start_l4_gateway(rig, seed(handle="tcp", preserve_source=True))
     body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
     assert (status, body) == (200, f"server={rig.server_v4} remote={rig.client_v4}")
 
@@ -297,7 +342,7 @@ def test_intercepted_udp_with_preserve_source_reaches_the_server_from_the_client
 
 def test_stream_route_claims_intercepted_tcp_before_the_original_destination(rig):
     rig.start_nginx(8080)  # nothing listens on port 80: only the stream route can answer
-    config = seed(mode="tcp")
+    config = seed(handle="tcp")
     config["stream_routes"] = [{"id": "to-8080", "server_port": 80,
                                 "upstream": {"nodes": {f"{rig.server_v4}:8080": 1}}}]
     start_l4_gateway(rig, config)

@@ -131,8 +131,9 @@ class Rig:
         self.gateway = Namespace(f"{tag}-gateway")
         self.server = Namespace(f"{tag}-server")
         self.namespaces = (self.client, self.gateway, self.server)
-        # Two /24s per rig, unique within this test process.
-        a = (os.getpid() * 2 + serial * 2) % 250
+        # Two /24s per rig, unique within this test process. Never 0: `fd00:200:0::2` is
+        # not the canonical form tools print back (`fd00:200::2`).
+        a = 2 + (os.getpid() * 2 + serial * 2) % 248
         b = a + 1
         self.client_v4, self.gateway_client_v4 = f"10.200.{a}.2", f"10.200.{a}.1"
         self.server_v4, self.gateway_server_v4 = f"10.200.{b}.2", f"10.200.{b}.1"

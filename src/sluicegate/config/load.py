@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from sluicegate.config.interception import check_interception_block
 from sluicegate.config.model import GatewayConfig, RouteConfig, ServiceConfig
 from sluicegate.config.tls import check_tls
 from sluicegate.plugins.base import load_plugins, validate_plugin, validation_errors
@@ -71,6 +72,7 @@ def validate_config(data: dict[str, Any]) -> ValidatedConfig:
     warnings: list[str] = []
     _check_unique_ids(config, errors)
     _check_plugins(config, errors, warnings)
+    check_interception_block(config, errors, warnings)
     _check_references(config, errors)
     check_tls(config, errors, warnings)
     for index, route in enumerate(config.routes):

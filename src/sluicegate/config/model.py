@@ -256,3 +256,6 @@ class GatewayConfig(Strict):
     global_rules: list[GlobalRuleConfig] = Field(default_factory=list)
     stream_routes: list[StreamRouteConfig] = Field(default_factory=list)
     ssls: list[SslConfig] = Field(default_factory=list)
+    interception: dict[str, Any] | None = None
+    """Transparent interception without a plugin entry: the `tproxy` plugin's options plus
+    `service` (validated as those options; see plugins/tproxy.py)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from sluicegate.config.interception import tproxy_sources
 from sluicegate.config.load import find_service
 from sluicegate.config.model import GatewayConfig, RouteConfig, UpstreamConfig
 from sluicegate.http.balancer import (
@@ -225,11 +226,9 @@ def _intercept_scopes(config: GatewayConfig,
                       upstreams: dict[str, Upstream], service_extra: dict[str, PluginEntries],
                       global_chain: PluginChain, env: PluginEnv) -> dict[str, InterceptScope]:
     scopes: dict[str, InterceptScope] = {}
-    for index, entry in enumerate(config.plugins):
-        if entry.name != "tproxy":
-            continue
-        name = entry.service or f"plugins[{index}]"
-        service = find_service(config, entry.service) if entry.service else None
+    for path, service_name, options in tproxy_sources(config):
+        name = service_name or path
+        service = find_service(config, service_name) if service_name else None
         table = RouteTable()
         chain_entries: PluginEntries = []
         upstream: Upstream | None = None
@@ -246,7 +245,7 @@ def _intercept_scopes(config: GatewayConfig,
         if global_chain.plugins:
             chain = PluginChain(global_chain.plugins + chain.plugins)
         upstream = upstream or original_destination_upstream(f"original-{name}")
-        conf = validate_plugin("tproxy", entry.config, name)[0]
+        conf = validate_plugin("tproxy", options, name)[0]
         if conf is not None and conf.tproxy and conf.preserve_source:
             upstream = copy.copy(upstream)
             upstream.source_from_client = True

@@ -1,4 +1,5 @@
-"""From config to interception: which entries (short-form `tproxy` plugins) ask for what,
+"""From config to interception: which entries (short-form `tproxy` plugins and the
+top-level `interception:` block) ask for what,
 and the lifecycle around a worker: listeners first, then rules (so nothing is captured
 before a socket can take it), rules removed on the way out."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from sluicegate.config.interception import options_path, tproxy_sources
 from sluicegate.config.model import GatewayConfig, parse_listen
 from sluicegate.intercept.spec import InterceptSpec
 from sluicegate.intercept.tproxy import InterceptError, TproxyInterceptor
@@ -21,7 +23,7 @@ class InterceptEntry:
     """One `tproxy` entry: where it listens, which scope (service) handles its traffic, and
     the interception spec when it is transparent."""
 
-    index: int
+    path: str  # where it is configured: "plugins[0]" or "interception"
     scope: str
     host: str
     port: int
@@ -31,7 +33,7 @@ class InterceptEntry:
     @property
     def http(self) -> bool:
         """Intercepted TCP goes through the L7 pipeline (else the L4 relay)."""
-        return "tcp" in self.conf.protocols and self.conf.mode == "http"
+        return "tcp" in self.conf.protocols and self.conf.handle == "http"
 
     @property
     def listen_hosts(self) -> list[str]:
@@ -43,14 +45,12 @@ class InterceptEntry:
 
 def intercept_entries(config: GatewayConfig) -> list[InterceptEntry]:
     entries = []
-    for index, entry in enumerate(config.plugins):
-        if entry.name != "tproxy":
-            continue
-        conf, _, errors = validate_plugin("tproxy", entry.config, f"plugins[{index}].config")
+    for path, service, options in tproxy_sources(config):
+        conf, _, errors = validate_plugin("tproxy", options, options_path(path))
         if errors:  # validate_config ran first
             raise ValueError("; ".join(errors))
         host, port = parse_listen(conf.listen)
-        entries.append(InterceptEntry(index, entry.service or f"plugins[{index}]", host, port,
+        entries.append(InterceptEntry(path, service or path, host, port,
                                       conf, spec_from_config(conf) if conf.tproxy else None))
     return entries
 
@@ -60,11 +60,11 @@ def unsupported(entries: list[InterceptEntry]) -> list[str]:
     reasons = []
     transparent = [e for e in entries if e.spec is not None]
     for entry in transparent[1:]:
-        reasons.append(f"plugins[{entry.index}]: only one transparent (tproxy: true) entry "
-                       "is supported")
+        reasons.append(f"{entry.path}: only one transparent (tproxy: true) entry is "
+                       "supported")
     for entry in entries:
-        if entry.spec is None and (entry.conf.mode == "tcp" or "udp" in entry.conf.protocols):
-            reasons.append(f"plugins[{entry.index}].config: an ordinary listener (tproxy: "
+        if entry.spec is None and (entry.conf.handle == "tcp" or "udp" in entry.conf.protocols):
+            reasons.append(f"{options_path(entry.path)}: an ordinary listener (tproxy: "
                            "false) serves HTTP; use gateway.stream_proxy for TCP/UDP")
     return reasons
 

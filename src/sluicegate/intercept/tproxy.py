@@ -11,7 +11,9 @@ namespace of the calling process (run it under `ip netns exec NS` to act on NS):
 Rules and routes carry the routing protocol number `RT_PROTO` (`proto 171` in `ip rule` /
 `ip route`), which is how `remove()` finds what a crashed earlier process left even when
 that process used another mark or table. Nothing else is touched: no sysctl, no other
-table, no listener (the gateway opens its listeners with `sluicegate.intercept.sockets`).
+table, no listener (the gateway opens its listeners with `sluicegate.intercept.sockets`) —
+except that `remove()` destroys the TIME_WAIT sockets intercepted connections left, which
+would otherwise black-hole reused 4-tuples after the rules are gone (intercept/timewait.py).
 
 The chain, in order (each rule counts packets and bytes; `status()` reports them):
 
@@ -43,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from sluicegate.intercept.spec import ANY_V4, ANY_V6, InterceptSpec, Network, check_loop
+from sluicegate.intercept.timewait import clear_transparent_timewait
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "sluicegate"
@@ -194,6 +197,7 @@ class TproxyInterceptor:
     def __init__(self, nft: str = "nft") -> None:
         self.nft = nft
         self.spec: InterceptSpec | None = None
+        self.cleared_timewait = 0  # TIME_WAIT sockets the last remove() destroyed
 
     # -- contract ---------------------------------------------------------------------
 
@@ -234,6 +238,11 @@ class TproxyInterceptor:
             off_loop(self._remove_routing)  # also when nft failed: remove what we can
         except InterceptError as error:
             failures.append(error)
+        if not failures:
+            # With the rules gone, traffic flows to its destinations: clear the TIME_WAIT
+            # sockets that would black-hole reused 4-tuples (intercept/timewait.py).
+            with contextlib.suppress(Exception):
+                self.cleared_timewait = clear_transparent_timewait(local_addresses())
         if failures:
             raise failures[0]
         self.spec = None

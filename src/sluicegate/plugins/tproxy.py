@@ -27,7 +27,10 @@ class TproxyConfig(PluginConfig):
     destination port."""
     tproxy: bool = True
     """true: capture traffic transparently (TPROXY); false: an ordinary listener."""
-    mode: Literal["http", "tcp"] = "http"
+    mode: Literal["tproxy", "ebpf"] = "tproxy"
+    """The kernel mechanism that captures traffic: tproxy (nftables + policy routing).
+    ebpf (sk_lookup steering) is not built in this version."""
+    handle: Literal["http", "tcp"] = "http"
     """How intercepted TCP is handled: http parses it and runs it through the named
     service (routes, plugins); tcp relays bytes (stream_routes, else the original
     destination). Intercepted UDP is always relayed."""
@@ -69,6 +72,9 @@ class Tproxy(Plugin):
 
     @classmethod
     def check(cls, conf: TproxyConfig) -> list[str]:
+        if conf.mode == "ebpf":
+            return ["mode: ebpf interception (sk_lookup) is not available in this version; "
+                    "use mode: tproxy"]
         if not conf.tproxy:
             return []
         try:

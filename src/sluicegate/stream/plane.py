@@ -1,5 +1,5 @@
 """The L4 side of one worker: the explicit stream listeners (`gateway.stream_proxy`) and the
-intercepted TCP (tproxy `mode: tcp`) and UDP, all matched against `stream_routes`.
+intercepted TCP (tproxy `handle: tcp`) and UDP, all matched against `stream_routes`.
 
 Intercepted traffic that no stream route claims goes to its original destination; on an
 explicit listener such a connection is refused (there is no original destination).
