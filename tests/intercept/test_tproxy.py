@@ -273,6 +273,22 @@ def test_traffic_passes_untouched_while_no_listener_is_bound(rig):
     assert body == f"server={rig.server_v4} remote={rig.client_v4}"  # routed, not relayed
 
 
+def test_connections_to_the_gateways_own_address_are_not_captured(rig):
+    # A plain service of the gateway host on its own address, port 80; the transparent
+    # listener is elsewhere (15080). Captured, the connection would land on the relay.
+    rig.start_in(rig.gateway, [PYTHON, "-m", "http.server", "80", "--bind",
+                               rig.gateway_client_v4, "--directory", str(rig.workdir)])
+    rig.gateway.wait_listening(80)
+    install(rig, listen_port=15080, ports=[80])
+    start_relay(rig, 15080, "tcp")
+    result = rig.client.run(["curl", "-s", "-m", "5", "-o", "/dev/null", "-w",
+                             "%{http_code}", f"http://{rig.gateway_client_v4}/"])
+    assert result.stdout == "200"  # http.server's listing, not a relay to nowhere
+    state = status(rig)
+    assert rule(state, "own addresses")["packets"] > 0
+    assert rule(state, "capture tcp ipv4")["packets"] == 0
+
+
 def test_excluded_destination_is_not_intercepted(rig):
     rig.start_nginx()
     install(rig, listen_port=80, exclude=[f"{rig.server_v4}/32"])

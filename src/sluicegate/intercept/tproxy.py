@@ -18,7 +18,7 @@ would otherwise black-hole reused 4-tuples after the rules are gone (intercept/t
 The chain, in order (each rule counts packets and bytes; `status()` reports them):
 
     [preserve_source] meta l4proto {tcp, udp} socket transparent 1 meta mark set MARK accept
-    fib daddr type local return                          # the gateway's own addresses
+    meta l4proto {PROTOS} th dport {PORTS} fib daddr type local return  # own addresses
     ip daddr {EXCLUDED} return / ip6 daddr {EXCLUDED} return
     [iifname {IFS}] tcp dport {PORTS} ip daddr {CIDRS} tproxy ip to :PORT meta mark set MARK accept
     ... one capture rule per (protocol, family)
@@ -105,7 +105,12 @@ def rule_expressions(spec: InterceptSpec) -> list[tuple[str, list[dict[str, Any]
             _match({"meta": {"key": "l4proto"}}, _set(list(spec.protocols))),
             _match({"socket": {"key": "transparent"}}, 1),
             counter, mark, {"accept": None}]))
+    ports = [lo if lo == hi else {"range": [lo, hi]} for lo, hi in spec.port_ranges]
+    # The FIB lookup only for packets to a captured port: the server's replies (and all
+    # other forwarded traffic) skip it (docs/benchmarks.md: per-packet TPROXY cost).
     rules.append(("own addresses", [
+        _match({"meta": {"key": "l4proto"}}, _set(list(spec.protocols))),
+        _match({"payload": {"protocol": "th", "field": "dport"}}, _set(ports)),
         _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"),
         counter, {"return": None}]))
     for version, proto in ((4, "ip"), (6, "ip6")):
@@ -133,7 +138,6 @@ def rule_expressions(spec: InterceptSpec) -> list[tuple[str, list[dict[str, Any]
             expr: list[dict[str, Any]] = []
             if spec.interfaces:
                 expr.append(_match({"meta": {"key": "iifname"}}, _set(list(spec.interfaces))))
-            ports = [lo if lo == hi else {"range": [lo, hi]} for lo, hi in spec.port_ranges]
             expr += [_match({"payload": {"protocol": protocol, "field": "dport"}}, _set(ports)),
                      daddr, counter, {"tproxy": target}, mark, {"accept": None}]
             rules.append((f"capture {protocol} ipv{version}", expr))
