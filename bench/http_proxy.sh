@@ -3,9 +3,15 @@
 #
 #   cases: direct backend | nginx proxy | haproxy http | aiohttp proxy (uvloop) |
 #          sluicegate (1 worker, no plugins) | sluicegate (1 worker, key-auth + prometheus)
+#          plugin cost, one sluicegate case per plugin (1 worker, the plugin on the route):
+#          sluicegate_keyauth | _jwt | _limitcount | _limitreq | _iprestriction | _prometheus |
+#          sluicegate_all (the six together); configs bench/<case>.yaml
+#   presets in CASES: "peers" = the six original cases (the default), "plugins" = nginx,
+#          sluicegate and the seven plugin cases, "all" = both; mixable with case names.
 #   load:  wrk -t1 -c50 -d${DURATION}s --latency, keep-alive, GET of a 100-byte body from an
-#          nginx backend (1 worker). Every request carries "apikey: <key>" (needed by the
-#          key-auth case; sent to every case so the request bytes are identical).
+#          nginx backend (1 worker). Every request carries "apikey: <key>" and "Authorization:
+#          Bearer <HS256 JWT>" (needed by the auth cases; sent to every case so the request
+#          bytes are identical). The JWT is signed here with the venv's pyjwt (exp in 2100).
 #
 # Method (as /work/shared/bench/peers.sh): backend + wrk pinned to CPU 0, the proxy under test
 # alone on CPU 1 (taskset); WARMUP s of discarded wrk before each measured window; /proc snapshots
@@ -13,10 +19,12 @@
 # by processes this script did not start ("foreign"); a window with too much foreign CPU is
 # measured again and the least disturbed attempt kept (and each attempt first waits up to
 # QUIET_WAIT s for a quiet second). Every case is measured RUNS times,
-# interleaved (run 1: all cases, run 2: all cases, ...); the table reports medians.
+# interleaved (run 1: all cases, run 2: all cases in reverse order, ...); the table reports
+# medians.
 #
 # Usage:   bench/http_proxy.sh                       (defaults: DURATION=10 RUNS=3, 5-10 min)
 #          DURATION=5 RUNS=1 CASES="nginx sluicegate" bench/http_proxy.sh
+#          CASES=plugins bench/http_proxy.sh        (per-plugin cost, next to nginx)
 #          PROFILE=1 bench/http_proxy.sh             (+ py-spy profile of sluicegate under load)
 #          SG_REV=HEAD bench/http_proxy.sh           (measure a clean export of a commit, not src/)
 # Output:  ${OUT:-/tmp/sluicegate-bench/<timestamp>}: summary.md (the table, also on stdout),
@@ -41,19 +49,22 @@ WRK_TIMEOUT="${WRK_TIMEOUT:-10}"             # wrk per-request timeout (s)
 LOAD_CPU="${LOAD_CPU:-0}"                    # wrk (and py-spy)
 BACKEND_CPU="${BACKEND_CPU:-0}"              # nginx backend
 PROXY_CPU="${PROXY_CPU:-1}"                  # proxy under test
-PORT_BASE="${PORT_BASE:-18380}"              # ports PORT_BASE..PORT_BASE+7, within 18300-18399
+PORT_BASE="${PORT_BASE:-18380}"              # ports PORT_BASE..PORT_BASE+16, within 18300-18399
 NOISE_MAX="${NOISE_MAX:-10}"                 # foreign CPU (% of one CPU) that triggers a re-measure
 NOISE_RETRIES="${NOISE_RETRIES:-2}"          # extra attempts per measurement
 QUIET_WAIT="${QUIET_WAIT:-30}"               # before each attempt, wait up to this many s for a quiet second
-CASES="${CASES:-direct nginx haproxy aiohttp sluicegate sluicegate_auth}"
+CASES="${CASES:-peers}"                      # case names and presets (peers, plugins, all)
 PROFILE="${PROFILE:-0}"                      # 1: py-spy profile after the measured runs
-PROFILE_CASES="${PROFILE_CASES:-sluicegate sluicegate_auth}"
+PROFILE_CASES="${PROFILE_CASES:-}"           # default: the sluicegate cases of CASES
 PROFILE_SECONDS="${PROFILE_SECONDS:-10}"
 PROFILE_RATE="${PROFILE_RATE:-100}"          # py-spy samples per second
 PROFILE_TOP="${PROFILE_TOP:-25}"
 PYSPY_CPU="${PYSPY_CPU:-1}"                  # py-spy runs next to the proxy, see README
 SG_REV="${SG_REV:-}"                         # empty: the working tree; else a git revision to export
-API_KEY="bench-key-0123456789"               # the consumer key in sluicegate_keyauth_prom.yaml
+API_KEY="bench-key-0123456789"               # the consumer key in sluicegate_keyauth_prom.yaml (and the plugin cases)
+JWT_KEY="bench-jwt-key"                      # the jwt-auth consumer of sluicegate_jwt.yaml / sluicegate_all.yaml
+JWT_SECRET="bench-jwt-secret-0123456789abcdef0123456789"   # its HS256 secret (same files)
+JWT_EXP=4102444800                           # 2100-01-01: never expires during a run
 OUT="${OUT:-/tmp/sluicegate-bench/$(date +%Y%m%d-%H%M%S)}"
 
 BACKEND_PORT=$((PORT_BASE + 0))
@@ -64,14 +75,49 @@ SG_PORT=$((PORT_BASE + 4))
 SG_AUTH_PORT=$((PORT_BASE + 5))
 SG_AUTH_METRICS_PORT=$((PORT_BASE + 6))
 SG_METRICS_PORT=$((PORT_BASE + 7))           # configured, not served (no prometheus plugin)
-ALL_PORTS="$BACKEND_PORT $NGINX_PORT $HAPROXY_PORT $AIOHTTP_PORT $SG_PORT $SG_AUTH_PORT $SG_AUTH_METRICS_PORT $SG_METRICS_PORT"
+PORT_SPAN=17                                 # PORT_BASE+8..+16: the plugin-cost cases, below
+ALL_PORTS=$(seq "$PORT_BASE" $((PORT_BASE + PORT_SPAN - 1)))
+
+# Plugin-cost cases: config bench/<case>.yaml, the plugins on its route (drive the sanity
+# checks), listen port, metrics port (prometheus cases; else the unserved SG_METRICS_PORT).
+PLUGIN_CASES="sluicegate_keyauth sluicegate_jwt sluicegate_limitcount sluicegate_limitreq sluicegate_iprestriction sluicegate_prometheus sluicegate_all"
+declare -A SG_CONF=([sluicegate]=sluicegate_plain.yaml [sluicegate_auth]=sluicegate_keyauth_prom.yaml)
+declare -A SG_PLUGINS=([sluicegate]="" [sluicegate_auth]="key-auth prometheus"
+    [sluicegate_keyauth]="key-auth" [sluicegate_jwt]="jwt-auth" [sluicegate_limitcount]="limit-count"
+    [sluicegate_limitreq]="limit-req" [sluicegate_iprestriction]="ip-restriction"
+    [sluicegate_prometheus]="prometheus"
+    [sluicegate_all]="ip-restriction jwt-auth key-auth limit-count limit-req prometheus")
+declare -A SG_LISTEN=([sluicegate]=$SG_PORT [sluicegate_auth]=$SG_AUTH_PORT)
+declare -A SG_METRICS=([sluicegate_auth]=$SG_AUTH_METRICS_PORT
+    [sluicegate_prometheus]=$((PORT_BASE + 15)) [sluicegate_all]=$((PORT_BASE + 16)))
+i=8
+for c in $PLUGIN_CASES; do SG_CONF[$c]="$c.yaml"; SG_LISTEN[$c]=$((PORT_BASE + i)); i=$((i + 1)); done
+
+# CASES presets -> case names, in order, without repeats
+expand_cases() {
+    local word c out=() seen=" "
+    for word in $1; do
+        case $word in
+        peers) set -- direct nginx haproxy aiohttp sluicegate sluicegate_auth ;;
+        plugins) set -- nginx sluicegate $PLUGIN_CASES ;;
+        all) set -- direct nginx haproxy aiohttp sluicegate sluicegate_auth $PLUGIN_CASES ;;
+        *) set -- "$word" ;;
+        esac
+        for c in "$@"; do [[ $seen == *" $c "* ]] || { out+=("$c"); seen+="$c "; }; done
+    done
+    echo "${out[*]}"
+}
+CASES=$(expand_cases "$CASES")
+if [[ -z $PROFILE_CASES ]]; then
+    for c in $CASES; do [[ $c == sluicegate* ]] && PROFILE_CASES+="${PROFILE_CASES:+ }$c"; done
+fi
 BODY_PREFIX='{"ok":true,"service":"bench-backend"'
 BODY_LEN=100
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-if (( PORT_BASE < 18300 || PORT_BASE + 7 > 18399 )); then
+if (( PORT_BASE < 18300 || PORT_BASE + PORT_SPAN - 1 > 18399 )); then
     die "PORT_BASE=$PORT_BASE puts ports outside 18300-18399"
 fi
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
@@ -79,6 +125,11 @@ for t in nginx wrk taskset setsid curl ss "$SUMMARY_PY"; do
     command -v "$t" >/dev/null 2>&1 || die "missing tool: $t (apt-get install -y nginx-light haproxy wrk curl)"
 done
 [[ -x $SLUICEGATE ]] || die "no sluicegate at $SLUICEGATE (python -m venv .venv && .venv/bin/pip install -e '.[bench]')"
+[[ -n $CASES ]] || die "CASES selects no case"
+# The JWT every request carries (the jwt-auth cases verify it; the others forward it).
+JWT=$("$PY" -c 'import sys, jwt; print(jwt.encode({"key": sys.argv[1], "exp": int(sys.argv[3])}, sys.argv[2], algorithm="HS256"))' \
+    "$JWT_KEY" "$JWT_SECRET" "$JWT_EXP" 2>/dev/null) ||
+    die "cannot sign the bench JWT with $PY (pyjwt missing? .venv/bin/pip install -e '.[bench]')"
 for p in $ALL_PORTS; do
     if ss -Hltn "sport = :$p" | grep -q .; then die "port $p already in use (set PORT_BASE)"; fi
 done
@@ -158,23 +209,25 @@ skip() {   # skip CASE REASON
     log "SKIP $1: $2"
 }
 
-check_http() {   # check_http PORT -> 0 if the backend body comes back (with the API key)
+check_http() {   # check_http PORT -> 0 if the backend body comes back (with the API key and JWT)
     local body
-    body=$(curl -s --max-time 5 -H "apikey: $API_KEY" "http://127.0.0.1:$1/bench") || return 1
+    body=$(curl -s --max-time 5 -H "apikey: $API_KEY" -H "Authorization: Bearer $JWT" \
+        "http://127.0.0.1:$1/bench") || return 1
     [[ ${#body} -eq $((BODY_LEN - 1)) || ${#body} -eq $BODY_LEN ]] && [[ $body == "$BODY_PREFIX"* ]]
 }
 
 render() {   # render TEMPLATE (conf/*.in or a sluicegate_*.yaml) -> path of the rendered copy
-    local src=$1 dst
+    local src=$1 dst i args=()
     dst="$OUT/conf/$(basename "${src%.in}")"
-    sed -e "s/@BACKEND_PORT@/$BACKEND_PORT/g" -e "s/@NGINX_PORT@/$NGINX_PORT/g" \
-        -e "s/@HAPROXY_PORT@/$HAPROXY_PORT/g" \
-        -e "s/127\.0\.0\.1:18380\b/127.0.0.1:$BACKEND_PORT/g" \
-        -e "s/127\.0\.0\.1:18384\b/127.0.0.1:$SG_PORT/g" \
-        -e "s/127\.0\.0\.1:18385\b/127.0.0.1:$SG_AUTH_PORT/g" \
-        -e "s/127\.0\.0\.1:18386\b/127.0.0.1:$SG_AUTH_METRICS_PORT/g" \
-        -e "s/127\.0\.0\.1:18387\b/127.0.0.1:$SG_METRICS_PORT/g" \
-        "$src" >"$dst"
+    # 127.0.0.1:(18380+i) -> 127.0.0.1:(PORT_BASE+i), through a placeholder so that a rewritten
+    # port is never rewritten again (PORT_BASE=18381 would otherwise chain 18384 -> 18385 -> ...).
+    for ((i = 0; i < PORT_SPAN; i++)); do
+        args+=(-e "s/127\.0\.0\.1:$((18380 + i))\b/127.0.0.1:@SGPORT$i@/g")
+    done
+    for ((i = 0; i < PORT_SPAN; i++)); do args+=(-e "s/@SGPORT$i@/$((PORT_BASE + i))/g"); done
+    # (the @VARS@ go last: their values are not rewritten either)
+    sed "${args[@]}" -e "s/@BACKEND_PORT@/$BACKEND_PORT/g" -e "s/@NGINX_PORT@/$NGINX_PORT/g" \
+        -e "s/@HAPROXY_PORT@/$HAPROXY_PORT/g" "$src" >"$dst"
     echo "$dst"
 }
 
@@ -185,7 +238,7 @@ have_py() { [[ -x $PY ]] && "$PY" -c "import $1" 2>/dev/null; }
 wrk_load() {   # wrk_load PORT SECONDS [extra wrk args] ; pinned to LOAD_CPU
     local port=$1 secs=$2; shift 2
     taskset -c "$LOAD_CPU" wrk -t"$THREADS" -c"$CONNS" -d"${secs}s" --timeout "${WRK_TIMEOUT}s" \
-        --latency -H "apikey: $API_KEY" "$@" "http://127.0.0.1:$port/bench"
+        --latency -H "apikey: $API_KEY" -H "Authorization: Bearer $JWT" "$@" "http://127.0.0.1:$port/bench"
 }
 
 # ------------------------------------------------------------------ metadata
@@ -209,7 +262,7 @@ git_state() {
     fi
     echo "settings: DURATION=$DURATION RUNS=$RUNS WARMUP=$WARMUP CONNS=$CONNS THREADS=$THREADS LOAD_CPU=$LOAD_CPU BACKEND_CPU=$BACKEND_CPU PROXY_CPU=$PROXY_CPU PORT_BASE=$PORT_BASE NOISE_MAX=$NOISE_MAX NOISE_RETRIES=$NOISE_RETRIES QUIET_WAIT=$QUIET_WAIT SG_REV=${SG_REV:-<working tree>}"
     echo "cases: $CASES"
-    echo "load: wrk -t$THREADS -c$CONNS -d${DURATION}s --latency -H 'apikey: ...', GET /bench, $BODY_LEN-byte body, keep-alive"
+    echo "load: wrk -t$THREADS -c$CONNS -d${DURATION}s --latency -H 'apikey: ...' -H 'Authorization: Bearer <JWT>', GET /bench, $BODY_LEN-byte body, keep-alive"
     echo "nginx: $(nginx -v 2>&1 | sed 's/.*: //')"
     echo "haproxy: $(haproxy -v 2>/dev/null | head -1 | awk '{print $3}')"
     echo "wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}')"
@@ -217,7 +270,7 @@ git_state() {
         echo "python: $("$PY" -c 'import platform,sys; print(platform.python_version(), sys.executable)')"
         "$PY" - <<'EOF' 2>/dev/null
 from importlib.metadata import version
-for p in ("sluicegate", "uvloop", "httptools", "aiohttp", "py-spy"):
+for p in ("sluicegate", "uvloop", "httptools", "aiohttp", "pyjwt", "py-spy"):
     try:
         print(f"{p}: {version(p)}")
     except Exception:
@@ -249,11 +302,9 @@ start_proxy() {   # start_proxy CASE TAG -> sets PORT; non-zero if the case cann
         PORT=$AIOHTTP_PORT
         start_srv "$name" "$PROXY_CPU" env LISTEN="127.0.0.1:$PORT" UPSTREAM="http://127.0.0.1:$BACKEND_PORT" \
             UVLOOP=1 "$PY" "$BENCH_DIR/aiohttp_proxy.py" ;;
-    sluicegate)
-        PORT=$SG_PORT; conf=$(render "$BENCH_DIR/sluicegate_plain.yaml")
-        start_srv "$name" "$PROXY_CPU" "${SG_CMD[@]}" run -c "$conf" ;;
-    sluicegate_auth)
-        PORT=$SG_AUTH_PORT; conf=$(render "$BENCH_DIR/sluicegate_keyauth_prom.yaml")
+    sluicegate*)
+        [[ -n ${SG_CONF[$case]:-} ]] || { skip "$case" "unknown case"; return 1; }
+        PORT=${SG_LISTEN[$case]}; conf=$(render "$BENCH_DIR/${SG_CONF[$case]}")
         start_srv "$name" "$PROXY_CPU" "${SG_CMD[@]}" run -c "$conf" ;;
     *) skip "$case" "unknown case"; return 1 ;;
     esac
@@ -265,12 +316,40 @@ start_proxy() {   # start_proxy CASE TAG -> sets PORT; non-zero if the case cann
         skip "$case" "sanity GET through port $PORT did not return the backend body (logs/$name.log)"
         stop_srv "$name"; return 1
     fi
-    if [[ $case == sluicegate_auth ]]; then   # key-auth must be active: no key -> 401
-        local code
-        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$PORT/bench")
-        [[ $code == 401 ]] || { skip "$case" "request without the key got $code, not 401"; stop_srv "$name"; return 1; }
+    local problem
+    if [[ $case == sluicegate* ]] && ! problem=$(check_plugins "$case" "$PORT"); then
+        skip "$case" "$problem"; stop_srv "$name"; return 1
     fi
     record_pinning "$name"
+}
+
+http_code() {   # http_code PORT [curl args]: status of a GET /bench
+    local port=$1; shift
+    curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@" "http://127.0.0.1:$port/bench"
+}
+
+check_plugins() {   # check_plugins CASE PORT: each plugin of the case is active; else prints why
+    local case=$1 port=$2 p code key=(-H "apikey: $API_KEY") jwt=(-H "Authorization: Bearer $JWT")
+    for p in ${SG_PLUGINS[$case]}; do
+        case $p in
+        key-auth)   # without the key -> 401
+            code=$(http_code "$port" "${jwt[@]}")
+            [[ $code == 401 ]] || { echo "key-auth: request without the key got $code, not 401"; return 1; } ;;
+        jwt-auth)   # without the token -> 401
+            code=$(http_code "$port" "${key[@]}")
+            [[ $code == 401 ]] || { echo "jwt-auth: request without the JWT got $code, not 401"; return 1; } ;;
+        ip-restriction)   # from an address outside the whitelist -> 403
+            code=$(http_code "$port" "${key[@]}" "${jwt[@]}" --interface 127.0.0.2)
+            [[ $code == 403 ]] || { echo "ip-restriction: request from 127.0.0.2 got $code, not 403"; return 1; } ;;
+        limit-count)   # counts: the quota headers come back
+            curl -s -o /dev/null -D - --max-time 5 "${key[@]}" "${jwt[@]}" "http://127.0.0.1:$port/bench" |
+                grep -qi '^x-ratelimit-limit:' || { echo "limit-count: no X-RateLimit-Limit header"; return 1; } ;;
+        prometheus)   # /metrics is served
+            code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:${SG_METRICS[$case]}/metrics")
+            [[ $code == 200 ]] || { echo "prometheus: /metrics on port ${SG_METRICS[$case]} got $code"; return 1; } ;;
+        limit-req) ;;   # nothing visible while under the rate; the non-2xx count shows a rejection
+        esac
+    done
 }
 
 proxy_pid() { [[ ${1} == direct ]] && echo 0 || echo "${PIDS[$2]:-0}"; }
@@ -302,8 +381,8 @@ measure() {   # measure RUN CASE
         sleep 2
     done
     "$SUMMARY_PY" "$BENCH_DIR/summarize.py" keep "$base" "$n" >&2
-    if [[ $case == sluicegate_auth ]]; then
-        curl -s --max-time 5 "http://127.0.0.1:$SG_AUTH_METRICS_PORT/metrics" >"$OUT/logs/$name.metrics.txt" ||
+    if [[ -n ${SG_METRICS[$case]:-} ]]; then   # proves the prometheus plugin counted
+        curl -s --max-time 5 "http://127.0.0.1:${SG_METRICS[$case]}/metrics" >"$OUT/logs/$name.metrics.txt" ||
             echo "NOTE: /metrics scrape failed" >>"$base.txt"
     fi
     if [[ $case != direct ]]; then
@@ -332,7 +411,8 @@ profile_case() {   # profile_case CASE: py-spy record of the proxy while wrk loa
     log "profile $case: py-spy record -d $PROFILE_SECONDS -r $PROFILE_RATE -f raw --pid $pid (wrk running)"
     # wrk runs a bit longer than the recording, in its own group so cleanup() can stop it.
     start_srv "${name}_wrk" "$LOAD_CPU" wrk -t"$THREADS" -c"$CONNS" -d"$((PROFILE_SECONDS + 3))s" \
-        --timeout "${WRK_TIMEOUT}s" --latency -H "apikey: $API_KEY" "http://127.0.0.1:$PORT/bench"
+        --timeout "${WRK_TIMEOUT}s" --latency -H "apikey: $API_KEY" -H "Authorization: Bearer $JWT" \
+        "http://127.0.0.1:$PORT/bench"
     sleep 1
     taskset -c "$PYSPY_CPU" "$pyspy" record -d "$PROFILE_SECONDS" -r "$PROFILE_RATE" -f raw \
         -o "$dir/$case.folded" --pid "$pid" >"$dir/$case.py-spy.log" 2>&1 ||
@@ -356,8 +436,10 @@ wait_port backend "$BACKEND_PORT" 10 || die "backend nginx did not start (see $O
 record_pinning backend
 check_http "$BACKEND_PORT" || die "backend did not return the expected body"
 
-for run in $(seq 1 "$RUNS"); do
-    for c in $CASES; do measure "$run" "$c"; done
+REVERSED=$(echo "$CASES" | tr ' ' '\n' | tac | tr '\n' ' ')
+for run in $(seq 1 "$RUNS"); do   # odd runs in CASES order, even runs reversed: no case always first
+    if (( run % 2 )); then order=$CASES; else order=$REVERSED; fi
+    for c in $order; do measure "$run" "$c"; done
 done
 
 if [[ $PROFILE == 1 ]]; then

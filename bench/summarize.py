@@ -40,12 +40,30 @@ LABELS = {
     "aiohttp": "aiohttp proxy (uvloop)",
     "sluicegate": "sluicegate, no plugins",
     "sluicegate_auth": "sluicegate, key-auth + prometheus",
+    "sluicegate_keyauth": "sluicegate + key-auth",
+    "sluicegate_jwt": "sluicegate + jwt-auth",
+    "sluicegate_limitcount": "sluicegate + limit-count",
+    "sluicegate_limitreq": "sluicegate + limit-req",
+    "sluicegate_iprestriction": "sluicegate + ip-restriction",
+    "sluicegate_prometheus": "sluicegate + prometheus",
+    "sluicegate_all": "sluicegate + all six plugins",
 }
-# (case, reference case, minimum ratio of req/s)
+# Plugin-cost cases (http_proxy.sh CASES=plugins): case -> the plugins on its route.
+PLUGIN_CASES = {
+    "sluicegate_keyauth": "key-auth",
+    "sluicegate_jwt": "jwt-auth (HS256)",
+    "sluicegate_limitcount": "limit-count",
+    "sluicegate_limitreq": "limit-req",
+    "sluicegate_iprestriction": "ip-restriction (40 entries)",
+    "sluicegate_prometheus": "prometheus",
+    "sluicegate_all": "the six above",
+}
+# (case, reference case, minimum ratio of req/s); listed when both cases were selected
 TARGETS = [
     ("sluicegate", "nginx", 0.5),
     ("sluicegate", "aiohttp", 3.0),
     ("sluicegate_auth", "nginx", 0.4),
+    ("sluicegate_all", "nginx", 0.4),
 ]
 
 
@@ -242,7 +260,8 @@ def keep(base: str, attempts: int) -> None:
     print(f"    {_fmt_rps(w['rps'])} req/s  p50 {_fmt_ms(w['p50'])} ms  p99 {_fmt_ms(w['p99'])} ms"
           f"  proxy {us if us is None else round(us, 1)} us/req"
           f"  cpu load/proxy {cpu.get('load_busy')}/{cpu.get('proxy_busy')}%"
-          f"  foreign {cpu.get('foreign_pct')}%" + (f"  (attempt {best} of {attempts})"
+          f"  foreign {cpu.get('foreign_pct')}%  non-2xx {w['non2xx']}"
+          + (f"  (attempt {best} of {attempts})"
                                                     if attempts > 1 else ""))
 
 
@@ -353,18 +372,16 @@ def table(out: Path) -> str:
         f"sluicegate code: {meta.get('sluicegate_code', '?')}.",
         "",
         "| case | req/s | runs (req/s) | p50 ms | p99 ms | proxy µs/req (usr+sys) | core µs/req "
-        "| CPU% load/proxy | vs nginx | vs nginx, CPU | vs aiohttp | notes |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| CPU% load/proxy | vs nginx | vs nginx, CPU | vs aiohttp | non-2xx | notes |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for case in cases:
         if case not in rows:
-            lines.append(f"| {LABELS.get(case, case)} | - | - | - | - | - | - | - | - | - | - | "
-                         f"skipped: {skipped.get(case, 'no result')} |")
+            lines.append(f"| {LABELS.get(case, case)} | - | - | - | - | - | - | - | - | - | - | - "
+                         f"| skipped: {skipped.get(case, 'no result')} |")
             continue
         r = rows[case]
         notes = []
-        if r["non2xx"]:
-            notes.append(f"{r['non2xx']:,} non-2xx")
         if r["sock"]:
             notes.append(f"socket errors {r['sock_detail']}")
         if r["foreign_max"] > 2:
@@ -388,12 +405,17 @@ def table(out: Path) -> str:
             f"{' / '.join(_fmt_rps(v) for v in r['runs'])} | {_fmt_ms(r['p50'])} | "
             f"{_fmt_ms(r['p99'])} | {us} | {core} | {busy} | {_fmt_ratio(ratio(case, 'nginx'))} "
             f"| {cpu_ratio} "
-            f"| {vs_aio} | {'; '.join(notes)} |")
+            f"| {vs_aio} | {r['non2xx']:,} | {'; '.join(notes)} |")
     lines += ["", "`vs nginx` = req/s ratio of the medians; `vs nginx, CPU` = nginx's proxy µs/req "
-              "÷ this row's (the throughput ratio if both were limited by their own CPU only).",
-              "", "Targets (req/s ratios of the medians):", ""]
+              "÷ this row's (the throughput ratio if both were limited by their own CPU only); "
+              "`non-2xx` = responses wrk counted outside 2xx/3xx, summed over the kept runs.", ""]
+    if any(case in PLUGIN_CASES for case in cases):
+        lines += [*_plugin_table(cases, rows, skipped, detail), ""]
+    lines += ["Targets (req/s ratios of the medians):", ""]
     noise_max = float(_setting(meta, "NOISE_MAX").replace("?", "10"))
     for case, ref, minimum in TARGETS:
+        if case not in cases or ref not in cases:
+            continue
         got = ratio(case, ref)
         verdict = "not measured" if got is None else ("met" if got >= minimum else "NOT met")
         line = (f"- {LABELS[case]} ≥ {minimum}x {LABELS[ref]}: "
@@ -409,15 +431,70 @@ def table(out: Path) -> str:
         lines.append(line)
     lines += ["", "Per run (kept attempt of each measurement):", "",
               "| run | case | req/s | p50 ms | p99 ms | proxy µs/req | CPU% load/proxy "
-              "| other procs % | attempts |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| other procs % | attempts | non-2xx |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case, w in sorted(detail, key=lambda cw: (cw[1]["run"], cases.index(cw[0]))):
         us = "-" if w["us"] is None else f"{w['us']:.1f}"
         lines.append(
             f"| {w['run']} | {case} | {_fmt_rps(w['rps'])} | {_fmt_ms(w['p50'])} | "
             f"{_fmt_ms(w['p99'])} | {us} | {w['load_busy']}/{w['proxy_busy']} | "
-            f"{w['foreign']} | {w['attempts']} |")
+            f"{w['foreign']} | {w['attempts']} | {w['non2xx']:,} |")
     return "\n".join(lines)
+
+
+def _plugin_table(cases: list[str], rows: dict, skipped: dict, detail: list) -> list[str]:
+    """Per-plugin cost: each plugin case against sluicegate without plugins and nginx."""
+    def rps_ratio(case: str, ref: str) -> float | None:
+        a, b = rows.get(case, {}).get("rps"), rows.get(ref, {}).get("rps")
+        return a / b if a and b else None
+
+    def cpu_ratio(case: str, ref: str) -> float | None:
+        a, b = rows.get(case, {}).get("us"), rows.get(ref, {}).get("us")
+        return b / a if a and b else None
+
+    # Added CPU: per run, the case's proxy µs/req minus the no-plugin run's of the same run
+    # (measured minutes apart, not hours), then the median over runs.
+    base_us = {w["run"]: w["us"] for c, w in detail if c == "sluicegate" and w["us"] is not None}
+
+    def added_us(case: str) -> float | None:
+        return _median([w["us"] - base_us[w["run"]] for c, w in detail
+                        if c == case and w["us"] is not None and w["run"] in base_us])
+
+    lines = ["### Plugin cost", "",
+             "One sluicegate case per plugin (1 worker, the plugin on the one route, limits too "
+             "high to reject), each against sluicegate without plugins and against nginx, in the "
+             "same run. `+µs/req` = the case's proxy µs/req minus the no-plugin case's in the "
+             "same run, median over runs: the CPU the plugin costs per request.", "",
+             "| case | plugins | req/s | vs sluicegate | vs nginx | proxy µs/req | +µs/req "
+             "| vs sluicegate, CPU | vs nginx, CPU | non-2xx |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    singles = []
+    for case in ["nginx", "sluicegate"] + [c for c in cases if c in PLUGIN_CASES]:
+        if case not in cases:
+            continue
+        plugins = PLUGIN_CASES.get(case, "(reference)" if case == "nginx" else "none")
+        if case not in rows:
+            lines.append(f"| {LABELS.get(case, case)} | {plugins} | - | - | - | - | - | - | - "
+                         f"| skipped: {skipped.get(case, 'no result')} |")
+            continue
+        r = rows[case]
+        added = added_us(case) if case in PLUGIN_CASES else None
+        us = "-" if r["us"] is None else f"{r['us']:.1f}"
+        if added is not None and case != "sluicegate_all":
+            singles.append(added)
+        lines.append(
+            f"| {LABELS.get(case, case)} | {plugins} | {_fmt_rps(r['rps'])} "
+            f"| {_fmt_ratio(rps_ratio(case, 'sluicegate')) if case != 'nginx' else '-'} "
+            f"| {_fmt_ratio(rps_ratio(case, 'nginx'))} "
+            f"| {us} "
+            f"| {'-' if added is None else f'{added:+.1f}'} "
+            f"| {_fmt_ratio(cpu_ratio(case, 'sluicegate')) if case != 'nginx' else '-'} "
+            f"| {_fmt_ratio(cpu_ratio(case, 'nginx'))} | {r['non2xx']:,} |")
+    all_added = added_us("sluicegate_all") if "sluicegate_all" in rows else None
+    if all_added is not None and len(singles) == len(PLUGIN_CASES) - 1:
+        lines += ["", f"The six plugins one at a time add {sum(singles):.1f} µs/req together; "
+                  f"on one route they add {all_added:.1f} µs/req."]
+    return lines
 
 
 def _setting(meta: dict, key: str) -> str:
