@@ -735,3 +735,37 @@ def test_jwt_auth_gateway_refuses_config_with_unloadable_public_key(tmp_path):
     assert gateway.process.returncode != 0
     assert "consumers[0].plugins.jwt-auth.public_key: not a PEM public key" in (
         gateway.log_path.read_text())
+
+
+# -- remembered tokens ----------------------------------------------------------------------
+
+
+def test_jwt_auth_rejects_a_remembered_token_once_it_expires():
+    instance = plugin()
+    value = token(lifetime=None, exp=int(time.time()) + 1)
+    assert instance.access(bearer(value)) is None  # verified, then remembered
+    assert instance.access(bearer(value)) is None
+    time.sleep(max(0.0, int(time.time()) + 1 - time.time()) + 1.05)
+    response = instance.access(bearer(value))
+    assert response is not None and response.status == 401
+    assert "expired" in message(response).lower()
+
+
+def test_jwt_auth_remembered_token_identifies_and_hides_credentials_every_time():
+    instance = plugin(hide_credentials=True)
+    value = token()
+    for _ in range(3):
+        ctx = bearer(value)
+        assert instance.access(ctx) is None
+        assert ctx.consumer_name == "jack"
+        assert all(k.lower() != "authorization" for k, _ in forwarded(ctx))
+
+
+def test_jwt_auth_a_forged_variant_of_a_remembered_token_is_still_refused():
+    instance = plugin()
+    value = token()
+    assert instance.access(bearer(value)) is None
+    header, payload, signature = value.split(".")
+    forged = f"{header}.{payload}.{signature[:-2]}AA"
+    response = instance.access(bearer(forged))
+    assert response is not None and response.status == 401

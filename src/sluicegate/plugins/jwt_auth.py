@@ -182,6 +182,11 @@ class JwtAuth(Plugin):
         self.hide_credentials = conf.hide_credentials
         self.key_claim_name = conf.key_claim_name
         self.credentials: dict[str, _Credential] = {}
+        # Tokens whose signature verified: token → (credential, exp, nbf). A signature check
+        # is a pure function of the token and the (immutable, per-snapshot) key, so a hit
+        # only re-checks the time claims. Clients reuse one token for many requests; a hit
+        # is ~0.3 µs where parsing and HMAC-SHA256 are ~6-8 µs (bench profile).
+        self.verified: dict[str, tuple[_Credential, float | None, float | None]] = {}
         for consumer in env.consumers.values():
             credential = consumer.plugin_confs.get(self.name)
             if credential is not None:
@@ -202,6 +207,17 @@ class JwtAuth(Plugin):
                 token = ctx.cookies.get(self.cookie)
                 if token is None:
                     return Response(401, _MISSING, [_JSON])
+
+        hit = self.verified.get(token)
+        if hit is not None:
+            credential, exp, nbf = hit
+            now = time.time()
+            if exp is not None and exp <= now - credential.leeway:
+                del self.verified[token]
+                return Response(401, _EXPIRED, [_JSON])
+            if nbf is not None and nbf > now + credential.leeway:
+                return Response(401, _NOT_YET_VALID, [_JSON])
+            return self._identified(ctx, credential, source)
 
         parts = token.split(".")
         if len(parts) != 3:
@@ -245,6 +261,13 @@ class JwtAuth(Plugin):
             if nbf > now + credential.leeway:
                 return Response(401, _NOT_YET_VALID, [_JSON])
 
+        if len(self.verified) >= VERIFIED_TOKENS_MAX:
+            del self.verified[next(iter(self.verified))]  # the oldest entry
+        self.verified[token] = (credential, payload.get("exp"), payload.get("nbf"))
+        return self._identified(ctx, credential, source)
+
+    def _identified(self, ctx: RequestContext, credential: _Credential,
+                    source: str) -> Response | None:
         consumer = credential.consumer
         ctx.consumer = consumer
         ctx.consumer_name = consumer.username
@@ -264,6 +287,10 @@ class JwtAuth(Plugin):
                 ctx.set_header("Cookie", kept)
             else:
                 ctx.remove_header("cookie")
+
+
+# Verified tokens remembered per plugin instance (route); the oldest goes first beyond it.
+VERIFIED_TOKENS_MAX = 10_000
 
 
 def _b64url_decode(segment: str) -> bytes:
