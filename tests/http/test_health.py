@@ -6,6 +6,7 @@ restarted; the state machine and the balancer wrapper are also tested in process
 from __future__ import annotations
 
 import asyncio
+import datetime
 import http.client
 import json
 import re
@@ -14,11 +15,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from harness import EchoUpstream, Gateway, Nginx, wait_for_port
+from harness import EchoUpstream, Gateway, Nginx, TlsNginx, wait_for_port
 from sluicegate.config.load import ConfigError, validate_config
 from sluicegate.config.model import UpstreamConfig
 from sluicegate.http.balancer import make_balancer
@@ -174,6 +180,140 @@ def test_active_http_check_judges_the_status_of_http_path(pair, start_checked):
     wait_until(lambda: node_status(gateway, "v", b.address) == "unhealthy", "v down",
                gateway)
     assert node_status(gateway, "u", a.address) == "healthy"
+
+
+# -- https active checks ----------------------------------------------------------------
+def _write_cert(folder: Path, name: str, common_name: str,
+                issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+                dns: tuple[str, ...] = (), ca: bool = False
+                ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """`name.crt` and `name.key` in `folder`: signed by `issuer`, else self-signed."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(issuer[0].subject if issuer else subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=1))
+               .not_valid_after(now + datetime.timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if dns:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in dns]), critical=False)
+    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+    (folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / f"{name}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ca.crt; backend.crt signed by it for the name backend.test only (no IP entry, so the
+    name probes verify is the one they send); rogue.crt for the same name, self-signed."""
+    folder = tmp_path_factory.mktemp("health-certs")
+    ca = _write_cert(folder, "ca", "health test CA", ca=True)
+    _write_cert(folder, "backend", "backend.test", ca, dns=("backend.test",))
+    _write_cert(folder, "rogue", "backend.test", dns=("backend.test",))
+    return folder
+
+
+@pytest.fixture
+def tls_servers(certs: Path, tmp_path: Path) -> Callable[[str], TlsNginx]:
+    """Factory: tls_servers("backend" | "rogue") -> an https nginx with that certificate."""
+    started: list[TlsNginx] = []
+
+    def start(cert: str) -> TlsNginx:
+        server = TlsNginx(tmp_path / f"tls-{len(started)}",
+                          [(certs / f"{cert}.crt", certs / f"{cert}.key")])
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def https_checks(**active: Any) -> dict[str, Any]:
+    return {"active": {"type": "https", "timeout": 0.5, "healthy": FAST,
+                       "unhealthy": {**FAST, "tcp_failures": 2}, **active}}
+
+
+def test_active_https_check_ejects_a_node_whose_certificate_fails_verification(
+        certs, tls_servers, start_checked):
+    good, rogue = tls_servers("backend"), tls_servers("rogue")
+    tls = {"ca_file": str(certs / "ca.crt"), "sni": "backend.test"}
+    gateway = start_checked({"upstreams": [
+        # retries 0: a request sent to the rogue node fails verification (502), so 200s
+        # prove it left the balancer.
+        {"id": "mixed", "scheme": "https", "tls": tls, "retries": 0,
+         "nodes": {good.address(): 1, rogue.address(): 1}, "checks": https_checks()},
+        # Without tls.sni the probe's `host` is the name sent and verified.
+        {"id": "by-host", "scheme": "https", "tls": {"ca_file": str(certs / "ca.crt")},
+         "nodes": {good.address(): 1}, "checks": https_checks(host="backend.test")},
+        {"id": "wrong-host", "scheme": "https", "tls": {"ca_file": str(certs / "ca.crt")},
+         "nodes": {good.address(): 1}, "checks": https_checks(host="other.test")}],
+        "routes": [{"id": "r1", "uri": "/*", "upstream_id": "mixed"}]})
+    wait_until(lambda: node_status(gateway, "mixed", rogue.address()) == "unhealthy",
+               "rogue ejected", gateway)
+    wait_until(lambda: node_status(gateway, "wrong-host", good.address()) == "unhealthy",
+               "name mismatch found", gateway)
+    assert node_status(gateway, "mixed", good.address()) == "healthy"
+    assert node_status(gateway, "by-host", good.address()) == "healthy"
+    assert [fetch(gateway.port, "/")[0] for _ in range(10)] == [200] * 10
+    assert healthcheck(gateway, "/v1/healthcheck/upstreams/mixed")["type"] == "https"
+    log = gateway.log()
+    assert f"node {rogue.address()} is unhealthy (2 active tcp failures; last: TLS: " \
+        "self-signed certificate" in log
+    assert "last: TLS: Hostname mismatch" in log
+
+
+def test_active_https_check_without_verification_accepts_any_certificate(
+        certs, tls_servers, start_checked):
+    rogue = tls_servers("rogue")
+    gateway = start_checked({"upstreams": [
+        {"id": "unverified", "nodes": {rogue.address(): 1},
+         "checks": https_checks(https_verify_certificate=False)},
+        # Same node and timing, verified: once this one is ejected, the unverified upstream
+        # has been probed as often.
+        {"id": "verified", "scheme": "https", "tls": {"ca_file": str(certs / "ca.crt")},
+         "nodes": {rogue.address(): 1}, "checks": https_checks(host="backend.test")}],
+        "routes": [{"id": "r1", "uri": "/*", "upstream_id": "unverified"}]})
+    wait_until(lambda: node_status(gateway, "verified", rogue.address()) == "unhealthy",
+               "verified probes fail", gateway)
+    assert node_status(gateway, "unverified", rogue.address()) == "healthy"
+    assert "unverified" not in gateway.log()
+
+
+def test_active_https_check_ejects_a_stopped_node(certs, tls_servers, start_checked):
+    first, second = tls_servers("backend"), tls_servers("backend")
+    gateway = start_checked({"routes": [{"id": "r1", "uri": "/*", "upstream": {
+        "scheme": "https", "retries": 0,
+        "tls": {"ca_file": str(certs / "ca.crt"), "sni": "backend.test"},
+        "nodes": {first.address(): 1, second.address(): 1}, "checks": https_checks()}}]})
+    assert [fetch(gateway.port, "/")[0] for _ in range(4)] == [200] * 4
+    second.stop()
+    wait_until(lambda: node_status(gateway, "route-r1", second.address()) == "unhealthy",
+               "second ejected", gateway)
+    assert node_status(gateway, "route-r1", first.address()) == "healthy"
+    assert [fetch(gateway.port, "/")[0] for _ in range(10)] == [200] * 10
+
+
+def test_https_probe_sends_host_as_header_and_tls_name():
+    checks = {"active": {"type": "https", "host": "Backend.Test", "http_path": "/ready"}}
+    upstream = checked_upstream({"127.0.0.1:8443": 1}, checks, scheme="https",
+                                tls={"sni": "tls-name.test"})
+    (state,) = upstream.health.states.values()
+    assert state.server_name == "backend.test"
+    assert state.probe_request.startswith(b"GET /ready HTTP/1.1\r\nHost: Backend.Test\r\n")
+    # Without `host`: the upstream's tls.sni, else the node's host.
+    del checks["active"]["host"]
+    upstream = checked_upstream({"127.0.0.1:8443": 1}, checks, scheme="https",
+                                tls={"sni": "tls-name.test"})
+    assert next(iter(upstream.health.states.values())).server_name == "tls-name.test"
+    upstream = checked_upstream({"127.0.0.1:8443": 1}, checks)
+    assert next(iter(upstream.health.states.values())).server_name == "127.0.0.1"
 
 
 # -- passive checks -----------------------------------------------------------------------
@@ -349,8 +489,6 @@ def test_retry_timeout_bounds_the_time_spent_retrying(start_gateway):
     ({"passive": {}}, "routes[0].upstream.checks: needs 'active'"),
     ({"active": {"healthy": {"interval": 0}}},
      "routes[0].upstream.checks.active.healthy.interval: Input should be greater than"),
-    ({"active": {"type": "https"}},
-     "routes[0].upstream.checks.active.type: 'https' probes are not supported yet"),
     ({"active": {"type": "udp"}}, "routes[0].upstream.checks.active.type: Input should be"),
     ({"active": {"unhealthy": {"http_statuses": [99]}}},
      "routes[0].upstream.checks.active.unhealthy.http_statuses[0]: Input should be greater"),

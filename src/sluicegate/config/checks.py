@@ -60,29 +60,26 @@ class ActiveCheck(_Strict):
     """Probes sent by the gateway itself, per worker, on a timer."""
 
     type: Literal["http", "https", "tcp"] = "http"
-    """`http`: GET `http_path` and judge the status; `tcp`: a connect is a success."""
+    """`http`: GET `http_path` and judge the status; `https`: the same over TLS (a failed
+    handshake or certificate check is a TCP failure); `tcp`: a connect is a success."""
     timeout: float = Field(1.0, gt=0, le=3600)
     """Seconds a whole probe (connect, request, status line) may take."""
     concurrency: int = Field(10, ge=1, le=1000)
     """Probes of one upstream in flight at once."""
     http_path: str = Field("/", min_length=1, max_length=4096)
     host: str | None = Field(None, min_length=1, max_length=253)
-    """Host header of HTTP probes (default: as the upstream's `pass_host` would send)."""
+    """Host header of HTTP(S) probes (default: as the upstream's `pass_host` would send);
+    for https probes also the TLS server name sent and verified (default: the upstream's
+    `tls.sni`, else `upstream_host` under pass_host rewrite, else the node's host)."""
     port: int | None = Field(None, ge=1, le=65535)
     """Probe this port instead of each node's own."""
     https_verify_certificate: bool = True
+    """https probes: verify the node's certificate chain (against the upstream's
+    `tls.ca_file`, else the system trust store) and name. False: any certificate passes."""
     req_headers: list[str] | None = Field(None, min_length=1)
     """Extra request headers of HTTP probes, as `Name: value` lines."""
     healthy: ActiveHealthy = Field(default_factory=ActiveHealthy)
     unhealthy: ActiveUnhealthy = Field(default_factory=ActiveUnhealthy)
-
-    @field_validator("type")
-    @classmethod
-    def _type_supported(cls, value: str) -> str:
-        if value == "https":
-            raise ValueError("'https' probes are not supported yet (upstream TLS is not "
-                             "built); use 'http' or 'tcp'")
-        return value
 
     @field_validator("http_path")
     @classmethod

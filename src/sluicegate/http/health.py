@@ -14,6 +14,11 @@ are configured, so unchecked upstreams pay nothing, and while every node is heal
 costs one extra call and a test of an empty set. When every node is unhealthy the request
 is proxied anyway (APISIX) and counted.
 
+Active probes are `tcp` (a connect is a success), `http` (GET `http_path`, judge the
+status) or `https` (the same over TLS: the certificate is verified, as for proxied traffic,
+unless `https_verify_certificate` is false; a handshake or verification failure is a TCP
+failure).
+
 State lives in the worker (`HealthCheckers`): each worker probes on its own event loop, one
 task per checked upstream. A reload carries the state of nodes (by address) over to the new
 snapshot when the upstream keeps its id and its `checks`.
@@ -23,10 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from sluicegate.config.tls import UpstreamTlsConfig
 from sluicegate.http.balancer import Balancer, BalancerContext, UpstreamNode
+from sluicegate.http.tls import client_context
 
 if TYPE_CHECKING:
     from sluicegate.config.checks import ActiveCheck, HealthChecks, PassiveCheck
@@ -46,8 +54,8 @@ PROBE_USER_AGENT = b"sluicegate-healthcheck"
 class NodeHealth:
     """The health of one node address in one upstream, and its counters."""
 
-    __slots__ = ("address", "counters", "failures", "healthy", "host", "nodes", "pickable",
-                 "port", "probe_port", "probe_request")
+    __slots__ = ("address", "counters", "failures", "healthy", "host", "last_error", "nodes",
+                 "pickable", "port", "probe_port", "probe_request", "server_name")
 
     def __init__(self, node: UpstreamNode) -> None:
         self.address = node.address
@@ -63,6 +71,8 @@ class NodeHealth:
         self.pickable = node.weight > 0
         self.probe_port = node.port
         self.probe_request = b""
+        self.server_name = ""  # https probes: the TLS name sent and verified
+        self.last_error = ""  # why the last active probe failed, for the log
 
     def report(self) -> dict[str, Any]:
         return {"ip": self.host, "port": self.port, "hostname": self.host,
@@ -74,7 +84,7 @@ class UpstreamHealth:
     """Health state of one checked upstream, fed by its active prober and by traffic."""
 
     __slots__ = ("active", "all_down", "by_node", "checks", "conf", "down", "fallbacks", "id",
-                 "passive", "passive_bad", "passive_good", "states")
+                 "passive", "passive_bad", "passive_good", "probe_tls", "states")
 
     def __init__(self, id: str, conf: UpstreamConfig, nodes: list[UpstreamNode]) -> None:
         assert conf.checks is not None
@@ -98,9 +108,14 @@ class UpstreamHealth:
         self.by_node: dict[UpstreamNode, NodeHealth] = {}
         for node in nodes:
             self._track(node)
-        if self.active is not None and self.active.type == "http":
+        self.probe_tls: ssl.SSLContext | None = None
+        if self.active is not None and self.active.type != "tcp":
             for state in self.states.values():
                 state.probe_request = self._probe_request(state.nodes[0])
+        if self.active is not None and self.active.type == "https":
+            self.probe_tls = self._probe_context()
+            for state in self.states.values():
+                state.server_name = self._probe_server_name(state.nodes[0])
         if self.active is not None and self.active.port is not None:
             for state in self.states.values():
                 state.probe_port = self.active.port
@@ -115,6 +130,34 @@ class UpstreamHealth:
         self.by_node[node] = state
         if not state.healthy:
             self.down.add(node)
+
+    def _probe_context(self) -> ssl.SSLContext:
+        """The upstream's own TLS settings (ca_file, client certificate) when it is an
+        https upstream, else the system trust store; verification as
+        `https_verify_certificate` says."""
+        active = self.active
+        assert active is not None
+        tls = self.conf.tls or UpstreamTlsConfig()
+        settings = tls.model_copy(update={"verify": active.https_verify_certificate})
+        return client_context(settings)[0]
+
+    def _probe_server_name(self, node: UpstreamNode) -> str:
+        """SNI and the name verified: `active.host`, else the upstream's `tls.sni`, else
+        the Host that proxied requests would carry under pass_host rewrite, else the node's
+        host (an IP address is verified against the certificate's IP entries)."""
+        active = self.active
+        assert active is not None
+        tls = self.conf.tls
+        if active.host:
+            return active.host.lower().rstrip(".")
+        if tls is not None and tls.sni:
+            return tls.sni
+        if self.conf.pass_host == "rewrite" and self.conf.upstream_host:
+            host = self.conf.upstream_host
+            if host.startswith("["):
+                return host[1:].partition("]")[0]
+            return host.partition(":")[0] if host.count(":") == 1 else host
+        return node.host
 
     def _probe_request(self, node: UpstreamNode) -> bytes:
         active = self.active
@@ -179,8 +222,9 @@ class UpstreamHealth:
             log.warning("upstream %s: node %s is healthy again (%s)", self.id, state.address,
                         why)
         else:
-            log.warning("upstream %s: node %s is unhealthy (%s)%s", self.id, state.address,
-                        why, "; every node is unhealthy, proxying to them anyway"
+            detail = f"; last: {state.last_error}" if state.last_error else ""
+            log.warning("upstream %s: node %s is unhealthy (%s%s)%s", self.id, state.address,
+                        why, detail, "; every node is unhealthy, proxying to them anyway"
                         if self.all_down else "")
 
     def _update_all_down(self) -> None:
@@ -253,13 +297,21 @@ class UpstreamHealth:
     async def _probe(self, state: NodeHealth, limit: asyncio.Semaphore) -> None:
         active = self.active
         assert active is not None
+        error = ""
         async with limit:
             try:
                 kind = await asyncio.wait_for(self.probe_once(state), active.timeout)
             except TimeoutError:
                 kind = TIMEOUT
+            except ssl.SSLCertVerificationError as exc:
+                kind, error = TCP_FAILURE, f"TLS: {exc.verify_message}"
+            except ssl.SSLError as exc:  # the handshake failed
+                kind, error = TCP_FAILURE, f"TLS: {exc.reason or exc}"
             except (OSError, asyncio.IncompleteReadError):
                 kind = TCP_FAILURE  # refused, reset, or closed before a status line
+            except ValueError as exc:  # `host` that cannot be a TLS server name
+                kind, error = TCP_FAILURE, str(exc)
+        state.last_error = error
         if kind is not None:
             self.probe_result(state, kind)
 
@@ -267,8 +319,13 @@ class UpstreamHealth:
         """One probe: the outcome kind, or None for an HTTP status in neither list."""
         active = self.active
         assert active is not None
-        reader, writer = await asyncio.open_connection(state.host, state.probe_port,
-                                                       limit=MAX_STATUS_LINE)
+        if self.probe_tls is not None:
+            reader, writer = await asyncio.open_connection(
+                state.host, state.probe_port, limit=MAX_STATUS_LINE, ssl=self.probe_tls,
+                server_hostname=state.server_name)
+        else:
+            reader, writer = await asyncio.open_connection(state.host, state.probe_port,
+                                                           limit=MAX_STATUS_LINE)
         try:
             if active.type == "tcp":
                 return SUCCESS

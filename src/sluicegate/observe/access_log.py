@@ -6,6 +6,9 @@ most `FLUSH_DELAY` after the first buffered line (a timer on the running event l
 Without a running loop (CLI tools, tests) each line is written at once. The file is opened
 with O_APPEND, so workers in other processes appending to the same file do not interleave
 within a flush.
+
+`access_entry` builds the one JSON-ready entry shape that every access logger writes
+(file-logger to a file, http-logger to a collector).
 """
 
 from __future__ import annotations
@@ -15,12 +18,67 @@ import atexit
 import contextlib
 import logging
 import os
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sluicegate.http.context import RequestContext
 
 FLUSH_BYTES = 64 * 1024
 FLUSH_DELAY = 0.5  # seconds a line may wait in the buffer
 FILE_MODE = 0o640
 
 log = logging.getLogger(__name__)
+
+
+class UtcClock:
+    """ISO 8601 UTC timestamps with milliseconds; the date part is formatted once a second."""
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self.prefix}.{int((now - second) * 1000):03d}Z"
+
+
+def access_entry(ctx: RequestContext, clock: UtcClock) -> dict[str, Any]:
+    """One request's log entry. No credentials: no Authorization header, API key, cookie
+    or query string (the query can hold keys), so only the path of the URI."""
+    latency = time.monotonic() - ctx.start_time
+    upstream = ctx.upstream_status != 0
+    route = ctx.route
+    entry: dict[str, Any] = {
+        "time": clock.now(),
+        "client_ip": ctx.remote_addr,
+        "method": ctx.method,
+        "uri": ctx.uri,
+        "host": ctx.host,
+        "status": ctx.response_status,
+        "upstream_status": ctx.upstream_status if upstream else None,
+        "upstream_addr": ctx.upstream_addr,
+        "route_id": route.id if route is not None else None,
+        "consumer": ctx.consumer_name,
+        "request_id": ctx.request_id,
+        "latency_ms": round(latency * 1000, 3),
+        "upstream_latency_ms": round(ctx.upstream_latency * 1000, 3) if upstream else None,
+        "bytes_sent": ctx.bytes_sent,
+        "bytes_received": ctx.bytes_received,
+        "user_agent": ctx.get_header("user-agent"),
+    }
+    if ctx.original_destination is not None:  # intercepted: where it was going, and how
+        host, port = ctx.original_destination
+        entry["original_destination"] = f"[{host}]:{port}" if ":" in host else \
+            f"{host}:{port}"
+        entry["intercept_mode"] = ctx.intercept_mode
+    return entry
 
 
 class AccessLogWriter:

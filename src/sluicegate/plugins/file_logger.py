@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from pydantic import ConfigDict, Field, field_validator
 
 from sluicegate.http.context import RequestContext
-from sluicegate.observe.access_log import writer_for
+from sluicegate.observe.access_log import UtcClock, access_entry, writer_for
 from sluicegate.plugins.base import Plugin, PluginConfig, PluginEnv, register
 
 # One encoder: json.dumps with non-default options builds a new encoder per call.
@@ -37,24 +36,6 @@ class FileLoggerConfig(PluginConfig):
         return value
 
 
-class _UtcClock:
-    """ISO 8601 UTC timestamps with milliseconds; the date part is formatted once a second."""
-
-    __slots__ = ("prefix", "second")
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.prefix = ""
-
-    def now(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self.second:
-            self.second = second
-            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self.prefix}.{int((now - second) * 1000):03d}Z"
-
-
 @register
 class FileLogger(Plugin):
     """Appends one JSON object per request to `path`, with the fields `time` (ISO 8601,
@@ -72,7 +53,7 @@ class FileLogger(Plugin):
     def __init__(self, conf: FileLoggerConfig, env: PluginEnv) -> None:
         super().__init__(conf, env)
         self.writer = writer_for(conf.path)
-        self.clock = _UtcClock()
+        self.clock = UtcClock()
 
     @classmethod
     def check(cls, conf: FileLoggerConfig) -> list[str]:
@@ -82,30 +63,4 @@ class FileLogger(Plugin):
         return []
 
     def log(self, ctx: RequestContext) -> None:
-        latency = time.monotonic() - ctx.start_time
-        upstream = ctx.upstream_status != 0
-        route = ctx.route
-        entry = {
-            "time": self.clock.now(),
-            "client_ip": ctx.remote_addr,
-            "method": ctx.method,
-            "uri": ctx.uri,
-            "host": ctx.host,
-            "status": ctx.response_status,
-            "upstream_status": ctx.upstream_status if upstream else None,
-            "upstream_addr": ctx.upstream_addr,
-            "route_id": route.id if route is not None else None,
-            "consumer": ctx.consumer_name,
-            "request_id": ctx.request_id,
-            "latency_ms": round(latency * 1000, 3),
-            "upstream_latency_ms": round(ctx.upstream_latency * 1000, 3) if upstream else None,
-            "bytes_sent": ctx.bytes_sent,
-            "bytes_received": ctx.bytes_received,
-            "user_agent": ctx.get_header("user-agent"),
-        }
-        if ctx.original_destination is not None:  # intercepted: where it was going, and how
-            host, port = ctx.original_destination
-            entry["original_destination"] = f"[{host}]:{port}" if ":" in host else \
-                f"{host}:{port}"
-            entry["intercept_mode"] = ctx.intercept_mode
-        self.writer.write((_encode(entry) + "\n").encode())
+        self.writer.write((_encode(access_entry(ctx, self.clock)) + "\n").encode())
