@@ -1,8 +1,12 @@
+import http.client
 import json
 
+import pytest
+
+from sluicegate.config.load import ConfigError, validate_config
 from sluicegate.http.context import RequestContext
 from sluicegate.plugins.base import Consumer, PluginEnv, build_chain, validate_plugin
-from sluicegate.plugins.key_auth import KeyAuth
+from sluicegate.plugins.key_auth import KeyAuth, hash_key
 
 
 def make_ctx(headers=(), query=""):
@@ -113,3 +117,89 @@ def test_key_auth_runs_in_access_phase_of_a_chain():
     assert len(chain.request_hooks) == 1
     assert chain.request_hooks[0](make_ctx([("apikey", "x")])).status == 401
     assert chain.body_filter == [] and chain.header_filter == []
+
+
+# -- hashed keys -----------------------------------------------------------------------------
+
+
+def hashed_plugin():
+    """jack's key stored as its SHA-256, rose's in plain text."""
+    model, _, _ = validate_plugin("key-auth", {}, "routes[0].plugins.key-auth")
+    env = PluginEnv({"jack": consumer("jack", hash_key("jack-key")),
+                     "rose": consumer("rose", "rose-key")})
+    return KeyAuth(model, env)
+
+
+def test_key_auth_accepts_a_key_stored_as_its_sha256():
+    ctx = make_ctx([("apikey", "jack-key")])
+    assert hashed_plugin().access(ctx) is None
+    assert ctx.consumer_name == "jack"
+
+
+def test_key_auth_plain_keys_still_work_next_to_hashed_ones():
+    ctx = make_ctx(query="apikey=rose-key")
+    assert hashed_plugin().access(ctx) is None
+    assert ctx.consumer_name == "rose"
+
+
+def test_key_auth_rejects_the_stored_hash_presented_as_the_key():
+    for key in ("nope", hash_key("jack-key"), hash_key("jack-key").removeprefix("sha256:")):
+        response = hashed_plugin().access(make_ctx([("apikey", key)]))
+        assert response.status == 401
+        assert json.loads(response.body) == {"message": "Invalid API key in request"}
+
+
+def test_key_auth_hash_key_is_sha256_hex_of_the_key():
+    assert hash_key("abc") == ("sha256:ba7816bf8f01cfea414140de5dae2223"
+                               "b00361a396177a9cb410ff61f20015ad")
+
+
+@pytest.mark.parametrize("stored", ["sha256:", "sha256:abc", "sha256:" + "g" * 64])
+def test_key_auth_malformed_sha256_key_is_rejected_with_path_and_without_the_value(stored):
+    with pytest.raises(ConfigError) as caught:
+        validate_config({"consumers": [{"username": "jack",
+                                        "plugins": {"key-auth": {"key": stored}}}]})
+    [error] = caught.value.errors
+    assert error.startswith("consumers[0].plugins.key-auth.key: a 'sha256:' key needs 64 "
+                            "hex digits")
+    digits = stored.removeprefix("sha256:")
+    assert not digits or digits not in error
+
+
+def test_key_auth_same_hashed_key_in_two_consumers_is_rejected():
+    stored = hash_key("shared")
+    with pytest.raises(ConfigError) as caught:
+        validate_config({"consumers": [
+            {"username": "a", "plugins": {"key-auth": {"key": stored}}},
+            {"username": "b", "plugins": {"key-auth": {"key": stored.upper().replace(
+                "SHA256:", "sha256:")}}}]})
+    assert caught.value.errors == [
+        "consumers[1].plugins.key-auth.key: already used by consumers[0]"]
+
+
+# -- hashed keys through the gateway ---------------------------------------------------------
+
+
+def test_key_auth_hashed_key_admits_and_wrong_key_is_refused_at_the_gateway(echo,
+                                                                           start_gateway):
+    gateway = start_gateway({
+        "consumers": [{"username": "jack", "plugins": {"key-auth": {
+            "key": hash_key("jack-long-random-key")}}},
+                      {"username": "rose", "plugins": {"key-auth": {"key": "rose-key"}}}],
+        "routes": [{"id": "r1", "uri": "/*", "upstream": {"nodes": {echo.address: 1}},
+                    "plugins": {"key-auth": {}}}]})
+
+    def status(key):
+        connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+        try:
+            connection.request("GET", "/orders", headers={"apikey": key})
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        finally:
+            connection.close()
+
+    assert status("jack-long-random-key") == 200
+    assert status("rose-key") == 200
+    assert status("jack-long-random-kex") == 401
+    assert status(hash_key("jack-long-random-key")) == 401

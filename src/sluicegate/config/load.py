@@ -87,7 +87,8 @@ def validate_config(data: dict[str, Any]) -> ValidatedConfig:
 
 
 def _check_unique_ids(config: GatewayConfig, errors: list[str]) -> None:
-    for kind in ("routes", "services", "upstreams", "global_rules"):
+    for kind in ("routes", "services", "upstreams", "global_rules", "consumer_groups",
+                 "plugin_configs"):
         seen: dict[str, int] = {}
         for index, item in enumerate(getattr(config, kind)):
             if item.id is None:
@@ -131,17 +132,26 @@ def _check_plugins(config: GatewayConfig, errors: list[str], warnings: list[str]
                                 "traffic goes to its original destination")
             else:
                 errors.append(f"{path}.service: no service with id or name {entry.service!r}")
-    for kind in ("routes", "services", "global_rules"):
+    for kind in ("routes", "services", "global_rules", "plugin_configs"):
         for index, item in enumerate(getattr(config, kind)):
             for name, conf in item.plugins.items():
                 _, _, problems = validate_plugin(name, conf, f"{kind}[{index}].plugins.{name}")
                 errors += problems
+    for index, group in enumerate(config.consumer_groups):
+        for name, conf in group.plugins.items():
+            path = f"consumer_groups[{index}].plugins.{name}"
+            if name in registry and registry[name].consumer_schema is not None:
+                # A credential names one consumer; shared by a group it would name many.
+                errors.append(f"{path}: credentials belong to consumers, not groups")
+                continue
+            errors += validate_plugin(name, conf, path)[2]
     credentials: dict[tuple[str, Any], int] = {}
     for index, consumer in enumerate(config.consumers):
         for name, conf in consumer.plugins.items():
             path = f"consumers[{index}].plugins.{name}"
             if name in registry and registry[name].consumer_schema is None:
-                errors.append(f"{path}: {name!r} takes no consumer config")
+                # Not a credential: a plugin that runs for this consumer's requests.
+                errors += validate_plugin(name, conf, path)[2]
                 continue
             model, _, problems = validate_plugin(name, conf, path, for_consumer=True)
             errors += problems
@@ -158,6 +168,12 @@ def _check_plugins(config: GatewayConfig, errors: list[str], warnings: list[str]
 def _check_references(config: GatewayConfig, errors: list[str]) -> None:
     upstream_ids = {u.id for u in config.upstreams}
     services = {s.id: s for s in config.services}
+    group_ids = {g.id for g in config.consumer_groups}
+    plugin_config_ids = {p.id for p in config.plugin_configs}
+    for index, consumer in enumerate(config.consumers):
+        if consumer.group_id and consumer.group_id not in group_ids:
+            errors.append(f"consumers[{index}].group_id: no consumer_group with id "
+                          f"{consumer.group_id!r}")
     for index, service in enumerate(config.services):
         if service.upstream_id and service.upstream_id not in upstream_ids:
             errors.append(f"services[{index}].upstream_id: no upstream {service.upstream_id!r}")
@@ -165,6 +181,9 @@ def _check_references(config: GatewayConfig, errors: list[str]) -> None:
         path = f"routes[{index}]"
         if route.upstream_id and route.upstream_id not in upstream_ids:
             errors.append(f"{path}.upstream_id: no upstream {route.upstream_id!r}")
+        if route.plugin_config_id and route.plugin_config_id not in plugin_config_ids:
+            errors.append(f"{path}.plugin_config_id: no plugin_config with id "
+                          f"{route.plugin_config_id!r}")
         service = services.get(route.service_id) if route.service_id else None
         if route.service_id and service is None:
             errors.append(f"{path}.service_id: no service {route.service_id!r}")
@@ -199,13 +218,23 @@ def _raw_errors(data: dict[str, Any]) -> list[str]:
     errors: list[str] = []
     upstream_ids = {str(item.get("id")) for _, item in _items(data, "upstreams")}
     service_ids = {str(item.get("id")) for _, item in _items(data, "services")}
-    for kind in ("routes", "services", "global_rules"):
+    plugin_config_ids = {str(item.get("id")) for _, item in _items(data, "plugin_configs")}
+    group_ids = {str(item.get("id")) for _, item in _items(data, "consumer_groups")}
+    for index, item in _items(data, "consumers"):
+        target = item.get("group_id")
+        if target is not None and str(target) not in group_ids:
+            errors.append(f"consumers[{index}].group_id: no consumer_group with id "
+                          f"{str(target)!r}")
+    for kind in ("routes", "services", "global_rules", "plugin_configs"):
         for index, item in _items(data, kind):
             path = f"{kind}[{index}]"
             for key, known, what in (("upstream_id", upstream_ids, "upstream"),
-                                       ("service_id", service_ids, "service")):
+                                       ("service_id", service_ids, "service"),
+                                       ("plugin_config_id", plugin_config_ids,
+                                        "plugin_config with id")):
                 target = item.get(key)
-                if target is not None and kind != "global_rules" and str(target) not in known:
+                if target is not None and kind in ("routes", "services") and \
+                        str(target) not in known:
                     errors.append(f"{path}.{key}: no {what} {str(target)!r}")
             plugins = item.get("plugins")
             if isinstance(plugins, dict):

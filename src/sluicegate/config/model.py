@@ -25,6 +25,11 @@ from sluicegate.stream.routes import StreamRouteConfig
 
 ObjectId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 
+# APISIX `labels`: key/value strings for selecting and grouping resources (label_value_def:
+# no whitespace, 1-256 characters).
+LabelText = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^\S+$")]
+Labels = dict[LabelText, LabelText]
+
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
                 "PURGE")
 
@@ -65,6 +70,7 @@ class UpstreamConfig(Strict):
     id: ObjectId | None = None
     name: str | None = None
     desc: str | None = None
+    labels: Labels | None = None
     type: Literal["roundrobin", "chash", "least_conn", "ewma"] = "roundrobin"
     nodes: list[UpstreamNodeConfig] = Field(min_length=1)
     hash_on: Literal["vars", "header", "cookie", "consumer", "vars_combinations"] = "vars"
@@ -107,6 +113,7 @@ class RouteConfig(Strict):
     id: ObjectId | None = None
     name: str | None = None
     desc: str | None = None
+    labels: Labels | None = None
     uri: str | None = None
     uris: list[str] | None = None
     host: str | None = None
@@ -117,12 +124,14 @@ class RouteConfig(Strict):
     priority: int = 0
     plugins: PluginMap = Field(default_factory=dict)
     plugin_config_id: ObjectId | None = None
+    """A `plugin_configs` entry whose plugins this route uses too (its own plugins win)."""
     upstream: UpstreamConfig | None = None
     upstream_id: ObjectId | None = None
     service_id: ObjectId | None = None
     status: Literal[0, 1] = 1
 
-    _ids = field_validator("id", "upstream_id", "service_id", mode="before")(coerce_id)
+    _ids = field_validator("id", "upstream_id", "service_id", "plugin_config_id",
+                           mode="before")(coerce_id)
 
     @field_validator("uri", "uris")
     @classmethod
@@ -160,6 +169,7 @@ class ServiceConfig(Strict):
     id: ObjectId | None = None
     name: str | None = None
     desc: str | None = None
+    labels: Labels | None = None
     hosts: list[str] | None = None
     plugins: PluginMap = Field(default_factory=dict)
     upstream: UpstreamConfig | None = None
@@ -169,11 +179,42 @@ class ServiceConfig(Strict):
 
 
 class ConsumerConfig(Strict):
-    """Someone who calls the API; auth plugins map credentials to a consumer."""
+    """Someone who calls the API; auth plugins map credentials to a consumer. Plugins other
+    than credentials run for this consumer's requests once an auth plugin identified it,
+    over the route's and the group's plugins of the same name."""
 
     username: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_\-]+$")
     desc: str | None = None
+    labels: Labels | None = None
+    group_id: ObjectId | None = None
+    """A `consumer_groups` entry whose plugins apply to this consumer too."""
     plugins: PluginMap = Field(default_factory=dict)
+
+    _group_id = field_validator("group_id", mode="before")(coerce_id)
+
+
+class ConsumerGroupConfig(Strict):
+    """Plugins shared by the consumers whose `group_id` names this group (APISIX
+    consumer_groups); a consumer's own plugin of the same name wins."""
+
+    id: ObjectId | None = None
+    desc: str | None = None
+    labels: Labels | None = None
+    plugins: PluginMap = Field(default_factory=dict)
+
+    _id = field_validator("id", mode="before")(coerce_id)
+
+
+class PluginConfigResource(Strict):
+    """A reusable set of plugins (APISIX plugin_configs) that routes pull in with
+    `plugin_config_id`; a route's own plugin of the same name wins."""
+
+    id: ObjectId | None = None
+    desc: str | None = None
+    labels: Labels | None = None
+    plugins: PluginMap = Field(default_factory=dict)
+
+    _id = field_validator("id", mode="before")(coerce_id)
 
 
 class GlobalRuleConfig(Strict):
@@ -228,6 +269,32 @@ class GatewaySettings(Strict):
     an enabled entry, else none."""
 
 
+def _check_cidr(value: str) -> str:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or CIDR") from None
+    return value
+
+
+class AdminSettings(Strict):
+    """The Admin API (APISIX's paths and JSON shapes under /apisix/admin): where it listens,
+    its key and who may call it. It runs in one process: the worker when there is one, else
+    the supervisor."""
+
+    enabled: bool = True
+    listen: ListenAddress = "127.0.0.1:9180"
+    """Keep it on loopback or a management network: it can change every route."""
+    key: str | None = Field(None, min_length=1, repr=False)
+    """The `X-API-KEY` every request needs. The environment variable SLUICEGATE_ADMIN_KEY
+    overrides it; with neither, a random key is generated at start and logged once."""
+    allow_admin: list[Annotated[str, AfterValidator(_check_cidr)]] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    """Client addresses (IPs or CIDRs) allowed to call the Admin API; others get 403."""
+
+
 def parse_listen(address: str) -> tuple[str, int]:
     """`host:port`, `[v6]:port` or `port` → (host, port); raises ValueError with the reason."""
     text = str(address).strip()
@@ -248,11 +315,14 @@ class GatewayConfig(Strict):
     into this one model."""
 
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
     plugins: list[PluginEntry] = Field(default_factory=list)
     routes: list[RouteConfig] = Field(default_factory=list)
     services: list[ServiceConfig] = Field(default_factory=list)
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     consumers: list[ConsumerConfig] = Field(default_factory=list)
+    consumer_groups: list[ConsumerGroupConfig] = Field(default_factory=list)
+    plugin_configs: list[PluginConfigResource] = Field(default_factory=list)
     global_rules: list[GlobalRuleConfig] = Field(default_factory=list)
     stream_routes: list[StreamRouteConfig] = Field(default_factory=list)
     ssls: list[SslConfig] = Field(default_factory=list)

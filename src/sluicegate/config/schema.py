@@ -33,7 +33,8 @@ def config_json_schema() -> dict[str, Any]:
     definitions["PluginMeta"] = PluginMeta.model_json_schema()
     plugin_map = {"type": "object", "properties": plugin_properties,
                   "additionalProperties": False}
-    for model in ("RouteConfig", "ServiceConfig", "GlobalRuleConfig"):
+    for model in ("RouteConfig", "ServiceConfig", "GlobalRuleConfig", "ConsumerGroupConfig",
+                  "PluginConfigResource"):
         definitions[model]["properties"]["plugins"] = plugin_map
     # What validators accept beyond the field types: nodes as a {"host:port": weight} map,
     # and ids written as YAML integers.
@@ -44,7 +45,8 @@ def config_json_schema() -> dict[str, Any]:
         "description": 'a list of {host, port, weight}, or {"host:port": weight}'}
     for definition in definitions.values():
         for name, field in definition.get("properties", {}).items():
-            if name in ("id", "upstream_id", "service_id") and "anyOf" in field:
+            if name in ("id", "upstream_id", "service_id", "plugin_config_id",
+                        "group_id") and "anyOf" in field:
                 field["anyOf"].append({"type": "integer", "minimum": 0})
     entry = definitions["PluginEntry"]
     entry["properties"]["name"]["enum"] = sorted(registry)

@@ -182,6 +182,14 @@ class Exchange:
             if isinstance(result, Response):
                 self.respond(result)
                 return
+            if isinstance(result, PluginChain):
+                # Authentication named a consumer with plugins of its own: go on with the
+                # chain that merges them in (ConsumerChains in http/snapshot.py).
+                self.chain = result
+                hooks = result.request_hooks
+                count = len(hooks)
+                index = 0
+                continue
             self.pending = asyncio.ensure_future(result)
             self.pending.add_done_callback(functools.partial(self._hook_done, index=index))
             return

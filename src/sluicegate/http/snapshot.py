@@ -27,7 +27,9 @@ from sluicegate.http.tls import (
     compile_upstream_tls,
 )
 from sluicegate.plugins.base import (
+    REGISTRY,
     Consumer,
+    Plugin,
     PluginChain,
     PluginEnv,
     PluginMeta,
@@ -157,14 +159,7 @@ def compile_snapshot(config: GatewayConfig, env: PluginEnv, version: int = 1) ->
         cls = registry[entry.name]
         if not cls.available:
             unavailable.append(f"plugins[{index}] ({entry.name}): {cls.unavailable_reason}")
-    for consumer in config.consumers:
-        confs = {}
-        for name, conf in consumer.plugins.items():
-            model, _, errors = validate_plugin(name, conf, name, for_consumer=True)
-            if errors:
-                raise ValueError("; ".join(errors))
-            confs[name] = model
-        env.consumers[consumer.username] = Consumer(consumer.username, confs)
+    consumer_layers = _compile_consumers(config, env, registry)
 
     # Short-form entries attach to their service, or else run globally.
     service_extra: dict[str, PluginEntries] = {}
@@ -184,6 +179,7 @@ def compile_snapshot(config: GatewayConfig, env: PluginEnv, version: int = 1) ->
 
     upstreams = {u.id: Upstream(u, u.id) for u in config.upstreams if u.id}
     services = {s.id: s for s in config.services}
+    plugin_configs = {p.id: p for p in config.plugin_configs}
     table = RouteTable()
     routes: list[CompiledRoute] = []
     compiled_pairs: list[tuple[RouteConfig, CompiledRoute]] = []
@@ -196,11 +192,11 @@ def compile_snapshot(config: GatewayConfig, env: PluginEnv, version: int = 1) ->
         entries: PluginEntries = []
         if service is not None:
             entries += _entries(service.plugins) + service_extra.get(service.id or "", [])
+        if route.plugin_config_id:
+            # Route over plugin_config over service, as APISIX merges them.
+            entries += _entries(plugin_configs[route.plugin_config_id].plugins)
         entries += _entries(route.plugins)
-        chain = build_chain(entries, env)
-        # Global plugins run first in every phase (APISIX global rules).
-        if global_chain.plugins:
-            chain = PluginChain(global_chain.plugins + chain.plugins)
+        chain = _route_chain(entries, global_chain, env, consumer_layers)
         compiled = CompiledRoute(route_id, route.name, route.service_id, upstream, chain)
         routes.append(compiled)
         compiled_pairs.append((route, compiled))
@@ -265,3 +261,105 @@ def _route_upstream(route: RouteConfig, service: Any, upstreams: dict[str, Upstr
     if service.upstream is not None:
         return Upstream(service.upstream, service.upstream.id or f"service-{service.id}")
     return upstreams[service.upstream_id]
+
+
+# -- consumer plugins ----------------------------------------------------------------------
+
+
+def _compile_consumers(config: GatewayConfig, env: PluginEnv,
+                       registry: dict[str, type[Plugin]]) -> dict[str, PluginEntries]:
+    """Fill env.consumers with each consumer's credentials; return, by username, the other
+    plugins its requests run: its group's, then its own (later entries win)."""
+    groups: dict[str | None, PluginEntries] = {
+        group.id: _entries(group.plugins) for group in config.consumer_groups}
+    layers: dict[str, PluginEntries] = {}
+    for consumer in config.consumers:
+        confs = {}
+        own: PluginEntries = []
+        for name, conf in consumer.plugins.items():
+            if registry[name].consumer_schema is None:
+                own += _entries({name: conf})
+                continue
+            model, _, errors = validate_plugin(name, conf, name, for_consumer=True)
+            if errors:
+                raise ValueError("; ".join(errors))
+            confs[name] = model
+        env.consumers[consumer.username] = Consumer(consumer.username, confs)
+        # The group's entry tuples are shared by its members, so on one route they share
+        # one plugin instance (and so one limit counter).
+        extra = groups.get(consumer.group_id, []) + own
+        if extra:
+            layers[consumer.username] = extra
+    return layers
+
+
+class ConsumerChains:
+    """The chains a route continues with once authentication named the consumer: the
+    route's plugins with the consumer's group's and own plugins merged in, theirs winning
+    for the same name (APISIX merge_consumer_route). Its `after_auth` hook sits right after
+    the route's last auth plugin; the exchange switches to the chain it returns, whose
+    request hooks are the ones not run yet (the consumer's plugins' rewrite hooks first, as
+    APISIX's rewrite_in_consumer). Hooks that ran before authentication keep the route's
+    config: a consumer cannot change what already happened."""
+
+    __slots__ = ("by_consumer",)
+
+    def __init__(self, by_consumer: dict[str, PluginChain]) -> None:
+        self.by_consumer = by_consumer
+
+    def after_auth(self, ctx: Any) -> PluginChain | None:
+        name = ctx.consumer_name
+        return None if name is None else self.by_consumer.get(name)
+
+
+Built = dict[int, tuple[int, Plugin]]  # id(entry tuple) → (priority, instance)
+
+
+def _instances(entries: PluginEntries, env: PluginEnv, built: Built) -> list[Plugin]:
+    """build_chain's rules (later entries win, `_meta.disable` removes, `_meta.priority`
+    reorders), reusing instances already built from the same entry: a route's plugins are
+    one instance in the route's chain and in every consumer's chain."""
+    chosen: dict[str, tuple[str, Any, PluginMeta]] = {}
+    for entry in entries:
+        chosen[entry[0]] = entry
+    ordered: list[tuple[int, Plugin]] = []
+    for name, entry in chosen.items():
+        meta = entry[2]
+        if meta.disable:
+            continue
+        made = built.get(id(entry))
+        if made is None:
+            cls = REGISTRY[name]
+            priority = cls.priority if meta.priority is None else meta.priority
+            made = built[id(entry)] = (priority, cls(entry[1], env))
+        ordered.append(made)
+    ordered.sort(key=lambda item: -item[0])
+    return [plugin for _, plugin in ordered]
+
+
+def _is_auth(hook: Any) -> bool:
+    owner = getattr(hook, "__self__", None)
+    return isinstance(owner, Plugin) and owner.consumer_schema is not None
+
+
+def _route_chain(entries: PluginEntries, global_chain: PluginChain, env: PluginEnv,
+                 consumer_layers: dict[str, PluginEntries]) -> PluginChain:
+    """A route's chain: global plugins first in every phase (APISIX global rules), then the
+    route's; with consumer plugins configured and an auth plugin in the chain, a switch to
+    the consumer's merged chain after authentication."""
+    built: Built = {}
+    chain = PluginChain(global_chain.plugins + _instances(entries, env, built))
+    if not consumer_layers:
+        return chain
+    hooks = chain.request_hooks
+    last_auth = max((i for i, hook in enumerate(hooks) if _is_auth(hook)), default=-1)
+    if last_auth < 0:
+        return chain  # nothing names a consumer here
+    ran = set(hooks[:last_auth + 1])
+    by_consumer: dict[str, PluginChain] = {}
+    for username, extra in consumer_layers.items():
+        merged = PluginChain(global_chain.plugins + _instances(entries + extra, env, built))
+        merged.request_hooks = [hook for hook in merged.request_hooks if hook not in ran]
+        by_consumer[username] = merged
+    hooks.insert(last_auth + 1, ConsumerChains(by_consumer).after_auth)
+    return chain

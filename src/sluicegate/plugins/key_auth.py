@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+import hashlib
+import re
+
+from pydantic import ConfigDict, Field, field_validator
 
 from sluicegate.http.context import RequestContext
 from sluicegate.plugins.base import Consumer, Plugin, PluginConfig, PluginEnv, Response, register
@@ -10,6 +13,17 @@ from sluicegate.plugins.base import Consumer, Plugin, PluginConfig, PluginEnv, R
 _JSON = ("Content-Type", "application/json")
 _MISSING = b'{"message":"Missing API key in request"}'
 _INVALID = b'{"message":"Invalid API key in request"}'
+
+# A stored key may be `sha256:<hex>`: API keys are long and random, so one fast SHA-256
+# keeps them safe at rest (a slow password hash buys nothing against a key nobody can
+# guess) and costs well under a microsecond per request.
+KEY_HASH_PREFIX = "sha256:"
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key (`sluicegate hash-secret --kind key`)."""
+    return KEY_HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
 
 
 class KeyAuthConfig(PluginConfig):
@@ -31,8 +45,20 @@ class KeyAuthConsumer(PluginConfig):
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
-    key: str = Field(min_length=1)
-    """The consumer's API key; unique among consumers."""
+    key: str = Field(min_length=1, repr=False)
+    """The consumer's API key, unique among consumers; or `sha256:<hex>`, its SHA-256, as
+    `sluicegate hash-secret --kind key` prints it, so the config holds no usable key."""
+
+    @field_validator("key")
+    @classmethod
+    def _stored_form(cls, value: str) -> str:
+        if value.startswith(KEY_HASH_PREFIX):
+            digest = value[len(KEY_HASH_PREFIX):]
+            if not _HEX_DIGEST.fullmatch(digest):
+                raise ValueError("a 'sha256:' key needs 64 hex digits, the SHA-256 of the key "
+                                 "(make it with `sluicegate hash-secret --kind key`)")
+            return KEY_HASH_PREFIX + digest.lower()  # one spelling: uniqueness compares it
+        return value
 
 
 @register
@@ -52,10 +78,22 @@ class KeyAuth(Plugin):
         self.query = conf.query
         self.hide_credentials = conf.hide_credentials
         self.consumers: dict[str, Consumer] = {}
+        hashed: dict[bytes, Consumer] = {}
         for consumer in env.consumers.values():
             credential = consumer.plugin_confs.get(self.name)
-            if credential is not None:
+            if credential is None:
+                continue
+            if credential.key.startswith(KEY_HASH_PREFIX):
+                hashed[bytes.fromhex(credential.key[len(KEY_HASH_PREFIX):])] = consumer
+            else:
                 self.consumers[credential.key] = consumer
+        # With any hashed key, every key is looked up by its digest: one hash of the
+        # presented key, one dict hit. Without, the plain dict (no hashing at all).
+        self.by_digest: dict[bytes, Consumer] | None = None
+        if hashed:
+            self.by_digest = {hashlib.sha256(key.encode()).digest(): consumer
+                              for key, consumer in self.consumers.items()}
+            self.by_digest.update(hashed)
 
     def access(self, ctx: RequestContext) -> Response | None:
         key = ctx.get_header(self.header)
@@ -64,7 +102,10 @@ class KeyAuth(Plugin):
             key = ctx.args.get(self.query)
             if key is None:
                 return Response(401, _MISSING, [_JSON])
-        consumer = self.consumers.get(key)
+        if self.by_digest is None:
+            consumer = self.consumers.get(key)
+        else:
+            consumer = self.by_digest.get(hashlib.sha256(key.encode()).digest())
         if consumer is None:
             return Response(401, _INVALID, [_JSON])
         ctx.consumer = consumer
