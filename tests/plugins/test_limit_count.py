@@ -76,10 +76,10 @@ def test_limit_count_config_errors_name_the_field():
         f"{PATH}.window_type: ")
 
 
-def test_limit_count_refuses_a_policy_other_than_local_with_a_clear_reason():
-    errors = errors_of({"count": 5, "time_window": 60, "policy": "redis"})
+def test_limit_count_refuses_an_unknown_policy_with_a_clear_reason():
+    errors = errors_of({"count": 5, "time_window": 60, "policy": "memcached"})
     assert len(errors) == 1
-    assert errors[0].startswith(f"{PATH}.policy: 'redis' is not supported: only 'local'")
+    assert errors[0].startswith(f"{PATH}.policy: 'memcached' is not supported: use 'local'")
 
 
 def test_limit_count_refuses_a_key_that_cannot_work_with_its_key_type():

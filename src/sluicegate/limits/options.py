@@ -6,15 +6,28 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from sluicegate.limits.counters import CounterStore, local_store
-from sluicegate.plugins.base import PluginConfig, Response
+from sluicegate.limits.redis_store import (
+    DEFAULT_CONN_TTL_SECONDS,
+    RedisSettings,
+    RedisStore,
+    StoreUnavailable,
+)
+from sluicegate.plugins.base import PluginConfig, PluginEnv, Response
 from sluicegate.proto.http1 import error_body
+
+__all__ = ["MIN_DELAY_SECONDS", "POLICIES", "STORE_FAILURE_STATUS", "LimitOptions",
+           "NonNegativeInt", "NonNegativeNumber", "PositiveInt", "PositiveNumber",
+           "StoreFailure", "StoreUnavailable", "rejection", "store_for"]
 
 # Below this a delay is not worth a timer (APISIX sleeps only from 1 ms).
 MIN_DELAY_SECONDS = 0.001
-POLICIES = ("local",)
+POLICIES = ("local", "redis")
+# The status of a request whose limit could not be checked (Redis down, no degradation):
+# the gateway cannot serve it as configured, so 503 rather than APISIX's 500.
+STORE_FAILURE_STATUS = 503
 
 
 def _positive(value: float) -> float:
@@ -59,7 +72,26 @@ class LimitOptions(PluginConfig):
     gateway's usual error JSON for `rejected_code`."""
     policy: str = Field("local", json_schema_extra={"enum": list(POLICIES)})
     """Where counters live. `local`: this host, exact across the workers of the gateway.
-    (`redis` is planned, for limits shared by several gateway hosts.)"""
+    `redis`: one Redis server (`redis_host`...), exact across every gateway using it."""
+    redis_host: str | None = None
+    """Redis server address (host name or IP); required with policy `redis`."""
+    redis_port: int = Field(6379, json_schema_extra={"minimum": 1, "maximum": 65535})
+    """Redis server port."""
+    redis_username: str | None = None
+    """Redis ACL user (Redis 6+); without it, `redis_password` authenticates the default
+    user."""
+    redis_password: str | None = Field(None, repr=False)
+    """Redis password (`AUTH`); never logged."""
+    redis_database: NonNegativeInt = 0
+    """Redis database number (`SELECT`)."""
+    redis_timeout: PositiveInt = 1000
+    """Milliseconds allowed for connecting to Redis and for each check against it."""
+    redis_ssl: bool = False
+    """Connect to Redis with TLS, verifying its certificate against the system CAs."""
+    allow_degradation: bool = False
+    """When the counter store cannot answer (Redis unreachable or too slow): true lets
+    the request pass unlimited, false rejects it with 503. Both are counted in
+    `sluicegate_limit_store_errors_total`."""
 
     @field_validator("rejected_code")
     @classmethod
@@ -68,25 +100,78 @@ class LimitOptions(PluginConfig):
             raise ValueError("must be between 200 and 599")
         return value
 
-    @field_validator("rejected_msg", "key")
+    @field_validator("rejected_msg", "key", "redis_host")
     @classmethod
     def _not_empty(cls, value: str | None) -> str | None:
         if value is not None and not value:
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("redis_port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError("must be between 1 and 65535")
+        return value
+
     @field_validator("policy")
     @classmethod
     def _policy(cls, value: str) -> str:
+        if value == "redis-cluster":
+            raise ValueError("'redis-cluster' is not supported: use 'redis' (one Redis "
+                             "server shared by the gateways) or 'local'")
         if value not in POLICIES:
-            raise ValueError(f"{value!r} is not supported: only 'local' (counters shared by "
-                             "the workers of this host) is built; 'redis' is planned")
+            raise ValueError(f"{value!r} is not supported: use 'local' (counters shared by "
+                             "the workers of this host) or 'redis' (shared by the gateways "
+                             "using one Redis server)")
         return value
 
+    @model_validator(mode="after")
+    def _redis_needs_a_host(self) -> LimitOptions:
+        if self.policy == "redis" and self.redis_host is None:
+            raise ValueError("redis_host: required when policy is redis")
+        return self
 
-def store_for(conf: LimitOptions) -> CounterStore:
-    """The counter store of the configured policy (a Redis store will be chosen here)."""
+
+def redis_settings(conf: LimitOptions) -> RedisSettings:
+    assert conf.redis_host is not None
+    return RedisSettings(host=conf.redis_host, port=conf.redis_port,
+                         username=conf.redis_username, password=conf.redis_password,
+                         database=conf.redis_database, timeout=conf.redis_timeout / 1000.0,
+                         ssl=conf.redis_ssl)
+
+
+def store_for(conf: LimitOptions, conn_ttl: float = DEFAULT_CONN_TTL_SECONDS
+              ) -> CounterStore:
+    """The counter store of the configured policy. Building it does no I/O. `conn_ttl`:
+    how long a limit-conn count outlives its last change in Redis."""
+    if conf.policy == "redis":
+        return RedisStore(redis_settings(conf), conn_ttl)
     return local_store()
+
+
+class StoreFailure:
+    """What a limit does with a request its store could not check (policy redis with
+    Redis down): with `allow_degradation` the request passes, else it gets 503 with
+    `{"error_msg": "failed to limit count"}` (or req, conn). Either way it is counted in
+    `sluicegate_limit_store_errors_total{plugin, outcome}`; the store logs the outage
+    itself, once, not per request."""
+
+    __slots__ = ("allow", "metrics", "plugin", "response")
+
+    def __init__(self, plugin: str, conf: LimitOptions, env: PluginEnv) -> None:
+        self.plugin = plugin
+        self.allow = conf.allow_degradation
+        self.metrics = env.metrics
+        body = json.dumps({"error_msg": f"failed to {plugin.replace('-', ' ')}"}).encode()
+        self.response = Response(STORE_FAILURE_STATUS, body,
+                                 [("Content-Type", "application/json")])
+
+    def __call__(self) -> Response | None:
+        if self.metrics is not None:
+            self.metrics.record_limit_store_error(
+                self.plugin, "allowed" if self.allow else "rejected")
+        return None if self.allow else self.response
 
 
 def rejection(conf: LimitOptions) -> Response:

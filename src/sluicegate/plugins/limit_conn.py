@@ -4,6 +4,7 @@ lua-resty-limit-conn)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -19,6 +20,8 @@ from sluicegate.limits.options import (
     NonNegativeInt,
     PositiveInt,
     PositiveNumber,
+    StoreFailure,
+    StoreUnavailable,
     rejection,
     store_for,
 )
@@ -41,13 +44,17 @@ class LimitConnConfig(LimitOptions):
     only_use_default_delay: bool = False
     """true: always delay by `default_conn_delay`. false: the unit delay follows the
     latency of finished requests (its running mean with each new latency), as in APISIX."""
+    key_ttl: PositiveInt = 3600
+    """Policy redis: seconds a key's count outlives its last change, so a count that a
+    gateway never gave back (it crashed, or Redis was down at the release) frees itself."""
 
 
 @register
 class LimitConn(Plugin):
     """Counts a key's requests in flight from `access` to `log`: up to `conn` pass, up to
     `conn + burst` pass after a delay, more are rejected with `rejected_code`. With the
-    local policy the count covers all the gateway's workers."""
+    local policy the count covers all the gateway's workers; with the redis policy, every
+    gateway using the Redis server."""
 
     name = "limit-conn"
     priority = 1003
@@ -55,7 +62,7 @@ class LimitConn(Plugin):
 
     def __init__(self, conf: LimitConnConfig, env: PluginEnv) -> None:
         super().__init__(conf, env)
-        self.store = store_for(conf)
+        self.store = store_for(conf, conn_ttl=conf.key_ttl)
         self.key_of = compile_key(conf.key_type, conf.key, limit_scope(self.name, conf, env))
         self.conn = conf.conn
         self.most = conf.conn + conf.burst
@@ -64,6 +71,7 @@ class LimitConn(Plugin):
         self.unit_delay = conf.default_conn_delay
         self.adaptive = not conf.only_use_default_delay
         self.rejection = rejection(conf)
+        self.store_failure = StoreFailure(self.name, conf, env)
         self.state_key = f"{self.name}#{id(self)}"
         self.releases: set[asyncio.Future[Any]] = set()  # a network store's, in flight
 
@@ -83,7 +91,11 @@ class LimitConn(Plugin):
 
     async def _admit_later(self, pending: Awaitable[ConnResult], ctx: RequestContext,
                            key: str) -> Response | None:
-        delay = self._admit(await pending, ctx, key)
+        try:
+            result = await pending
+        except StoreUnavailable:  # not admitted by the store: nothing to release later
+            return self.store_failure()
+        delay = self._admit(result, ctx, key)
         if delay is None:
             return self.rejection
         if delay >= MIN_DELAY_SECONDS:
@@ -108,9 +120,16 @@ class LimitConn(Plugin):
         key, delay = state
         left = self.store.release(key)
         if type(left) is not int:  # a network store: let it finish, keep a reference
-            task = asyncio.ensure_future(left)
+            task = asyncio.ensure_future(_release_later(left))
             self.releases.add(task)
             task.add_done_callback(self.releases.discard)
         if self.adaptive:
             latency = time.monotonic() - ctx.start_time - delay
             self.unit_delay = (latency + self.unit_delay) / 2
+
+
+async def _release_later(pending: Awaitable[int]) -> None:
+    # A failed release leaves the count high until key_ttl expires it; the store has
+    # logged the outage.
+    with contextlib.suppress(StoreUnavailable):
+        await pending

@@ -11,7 +11,14 @@ from pydantic import ConfigDict, field_validator
 from sluicegate.http.context import RequestContext
 from sluicegate.limits.counters import CountResult
 from sluicegate.limits.keys import compile_key, key_problems, limit_scope
-from sluicegate.limits.options import LimitOptions, PositiveInt, rejection, store_for
+from sluicegate.limits.options import (
+    LimitOptions,
+    PositiveInt,
+    StoreFailure,
+    StoreUnavailable,
+    rejection,
+    store_for,
+)
 from sluicegate.plugins.base import HookResult, Plugin, PluginEnv, Response, register
 
 LIMIT_HEADER = "X-RateLimit-Limit"
@@ -52,7 +59,8 @@ class LimitCountConfig(LimitOptions):
 @register
 class LimitCount(Plugin):
     """Rejects a key's requests beyond `count` in `time_window` with `rejected_code`. With
-    the local policy the count is exact across the gateway's workers."""
+    the local policy the count is exact across the gateway's workers; with the redis
+    policy, across every gateway using the Redis server."""
 
     name = "limit-count"
     priority = 1002
@@ -67,6 +75,7 @@ class LimitCount(Plugin):
         self.window = float(conf.time_window)
         self.sliding = conf.window_type == "sliding"
         self.rejection = rejection(conf)
+        self.store_failure = StoreFailure(self.name, conf, env)
         self.state_key = f"{self.name}#{id(self)}"
         self.show_headers = conf.show_limit_quota_header
         self.limit_header = str(conf.count)
@@ -86,7 +95,11 @@ class LimitCount(Plugin):
 
     async def _decide_later(self, pending: Awaitable[CountResult], ctx: RequestContext
                             ) -> Response | None:
-        return self._decide(await pending, ctx)
+        try:
+            result = await pending
+        except StoreUnavailable:
+            return self.store_failure()
+        return self._decide(result, ctx)
 
     def _decide(self, result: CountResult, ctx: RequestContext) -> Response | None:
         allowed, remaining, reset = result

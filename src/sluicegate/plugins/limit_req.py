@@ -15,6 +15,8 @@ from sluicegate.limits.options import (
     LimitOptions,
     NonNegativeNumber,
     PositiveNumber,
+    StoreFailure,
+    StoreUnavailable,
     rejection,
     store_for,
 )
@@ -53,6 +55,7 @@ class LimitReq(Plugin):
         self.burst = conf.burst
         self.nodelay = conf.nodelay
         self.rejection = rejection(conf)
+        self.store_failure = StoreFailure(self.name, conf, env)
 
     @classmethod
     def check(cls, conf: LimitReqConfig) -> list[str]:
@@ -70,7 +73,10 @@ class LimitReq(Plugin):
         return None
 
     async def _decide_later(self, pending: Awaitable[BucketResult]) -> Response | None:
-        allowed, delay = await pending
+        try:
+            allowed, delay = await pending
+        except StoreUnavailable:
+            return self.store_failure()
         if not allowed:
             return self.rejection
         if delay >= MIN_DELAY_SECONDS and not self.nodelay:
