@@ -25,11 +25,23 @@ class StoreError(Exception):
     """The store cannot be read or written (unreachable, refused, malformed reply)."""
 
 
+def id_field(kind: str) -> str:
+    """The field a resource's id lives in: consumers are keyed by `username` (APISIX)."""
+    return "username" if kind == "consumers" else "id"
+
+
+def with_id(kind: str, item_id: str, value: dict[str, Any]) -> dict[str, Any]:
+    """`value` with its id field set to the key it is stored under (the key wins)."""
+    return {**value, id_field(kind): item_id}
+
+
 @dataclass(frozen=True, slots=True)
 class StoredItem:
     kind: str
     id: str
-    value: dict[str, Any]  # the resource as JSON, with its "id" field set
+    # The resource as JSON, with its id field ("id"; consumers: "username") set — except a
+    # file resource written without one, whose `id` is generated (see store/file.py).
+    value: dict[str, Any]
     created_index: int
     modified_index: int
 
@@ -51,7 +63,14 @@ class StoreState:
 
 
 class ConfigStore(ABC):
-    """A config source. `load` reads everything; `watch` yields each later state."""
+    """A config source. `load` reads everything; `watch` yields each later state.
+
+    `confirmed_at` (time.monotonic()) is when the store last confirmed that the state it
+    handed out is current; `stale` is True while it cannot (etcd unreachable, file gone).
+    Workers export both as the config_age_seconds / config_stale gauges."""
+
+    confirmed_at: float = 0.0
+    stale: bool = False
 
     @abstractmethod
     async def load(self) -> StoreState: ...
@@ -66,6 +85,11 @@ class ConfigStore(ABC):
 
     @abstractmethod
     async def delete(self, kind: str, item_id: str) -> StoredItem | None: ...
+
+    def reread_base(self, state: StoreState) -> StoreState:
+        """SIGHUP: `state` with what comes from the local file read again (the file store:
+        everything; etcd: the base). Raises ConfigError for an unreadable or broken file."""
+        return state
 
     async def close(self) -> None:
         return None
