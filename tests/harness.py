@@ -161,6 +161,11 @@ class Gateway:
         gateway.setdefault("listen", [f"127.0.0.1:{self.port}"])
         gateway.setdefault("metrics_listen", f"127.0.0.1:{self.metrics_port}")
         config["gateway"] = gateway
+        # The Admin API is on by default: port 0 lets the kernel pick a free one (no race
+        # with parallel runs, not 9180); the gateway logs it (tests/admin reads it there).
+        admin = dict(config.get("admin") or {})
+        admin.setdefault("listen", "127.0.0.1:0")
+        config["admin"] = admin
         self.config_path = workdir / f"gateway-{self.port}.yaml"
         self.write_config(config)
         self.log_path = workdir / f"gateway-{self.port}.log"
