@@ -43,10 +43,16 @@ def test_interception_block_service_must_be_a_name():
         "interception.service: must be a service id or name (a string)"]
 
 
-def test_ebpf_mode_is_refused_with_a_reason_until_it_exists():
-    errors = errors_of({"plugins": [{"name": "tproxy", "config": {"mode": "ebpf"}}]})
+def test_ebpf_mode_validates_and_fails_open_by_default():
+    validated = validate_config({"plugins": [{"name": "tproxy", "config": {"mode": "ebpf"}}]})
+    [entry] = intercept_entries(validated.config)
+    assert (entry.mode, entry.fail_open) == ("ebpf", True)
+
+
+def test_fail_open_is_refused_in_tproxy_mode_with_a_reason():
+    errors = errors_of({"plugins": [{"name": "tproxy", "config": {"fail_open": True}}]})
     assert len(errors) == 1 and errors[0].startswith("plugins[0].config")
-    assert "ebpf" in errors[0] and "mode: tproxy" in errors[0]
+    assert "fail_open" in errors[0] and "mode: ebpf" in errors[0]
 
 
 def test_handle_tcp_replaces_the_old_mode_values():

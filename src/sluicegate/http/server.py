@@ -143,8 +143,8 @@ class ClientConnection(asyncio.Protocol):
         self.peer = (peer[0], peer[1]) if isinstance(peer, tuple) else ("unix", 0)
         sockname = transport.get_extra_info("sockname") or ("", 0)
         self.sockname = (sockname[0], sockname[1]) if isinstance(sockname, tuple) else ("", 0)
-        if self.intercept_mode == "tproxy" and self.original_destination is None:
-            # A TPROXY socket's local address is where the client was connecting to.
+        if self.intercept_mode in ("tproxy", "ebpf") and self.original_destination is None:
+            # A transparent socket's local address is where the client was connecting to.
             self.original_destination = self.sockname
         ip = self.peer[0].encode()
         self.forwarded_base = b"X-Real-IP: %s\r\nX-Forwarded-Proto: %s\r\n" % (

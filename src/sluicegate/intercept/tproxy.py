@@ -353,89 +353,108 @@ class TproxyInterceptor:
                 texts[int(found.group(2))] = found.group(1)
         return texts
 
-    # -- policy routing ----------------------------------------------------------------
+    # -- policy routing (module functions shared with the eBPF mode) ---------------------
 
     def _add_routing(self, spec: InterceptSpec) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        families = [socket.AF_INET if v == 4 else socket.AF_INET6 for v in spec.families]
-        try:
-            with IPRoute() as ipr:
-                lo = ipr.link_lookup(ifname="lo")
-                if not lo:
-                    raise InterceptError("this network namespace has no loopback interface")
-                if not ipr.get_links(lo[0])[0]["flags"] & IFF_UP:
-                    # The local routes point at lo; captured packets would be dropped.
-                    raise InterceptError("the loopback interface (lo) is down: bring it up "
-                                         "(ip link set lo up)")
-                for family in families:
-                    route = {"family": family, "dst": "0.0.0.0/0" if family == socket.AF_INET
-                             else "::/0", "type": "local", "oif": lo[0],
-                             "table": spec.route_table, "proto": RT_PROTO}
-                    if family == socket.AF_INET:
-                        route["scope"] = RT_SCOPE_HOST
-                    _add_tolerating_existing(ipr.route, route)
-                    _add_tolerating_existing(ipr.rule, {
-                        "family": family, "fwmark": spec.fwmark, "table": spec.route_table,
-                        "priority": RULE_PRIORITY, "protocol": RT_PROTO})
-        except (NetlinkError, OSError) as error:
-            raise InterceptError(_explain_os_error(error, "adding the policy routing")) \
-                from None
+        add_policy_routing(spec)
 
     def _remove_routing(self) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        try:
-            with IPRoute() as ipr:
-                for family in (socket.AF_INET, socket.AF_INET6):
-                    for rule in ipr.get_rules(family=family):
-                        if rule.get("protocol") == RT_PROTO:
-                            with contextlib.suppress(NetlinkError):
-                                ipr.rule("del", family=family,
-                                         priority=rule.get("priority"),
-                                         fwmark=rule.get("fwmark"),
-                                         table=rule.get("table"), protocol=RT_PROTO)
-                    for route in ipr.route("dump", family=family):
-                        if route.get("proto") == RT_PROTO:
-                            with contextlib.suppress(NetlinkError):
-                                ipr.route("del", family=family, table=route.get("table"),
-                                          dst=route.get("dst") or None,
-                                          dst_len=route["dst_len"],
-                                          type=route["type"], proto=RT_PROTO,
-                                          scope=route["scope"])
-        except (NetlinkError, OSError) as error:
-            raise InterceptError(_explain_os_error(error, "removing the policy routing")) \
-                from None
+        remove_policy_routing()
 
     def _routing(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
+        return policy_routing()
 
-        rules, routes = [], []
-        try:
-            with IPRoute() as ipr:
-                names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
-                for family, name in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
-                    for rule in ipr.get_rules(family=family):
-                        if rule.get("protocol") == RT_PROTO:
-                            rules.append({"family": name, "priority": rule.get("priority"),
-                                          "fwmark": f"{rule.get('fwmark') or 0:#x}",
-                                          "table": rule.get("table")})
-                    for route in ipr.route("dump", family=family):
-                        if route.get("proto") == RT_PROTO:
-                            any_dst = "0.0.0.0" if family == socket.AF_INET else "::"
-                            routes.append({
-                                "family": name, "type": "local" if route["type"] == RTN_LOCAL
-                                else route["type"],
-                                "dst": f"{route.get('dst') or any_dst}/{route['dst_len']}",
-                                "dev": names.get(route.get("oif"), route.get("oif")),
-                                "table": route.get("table")})
-        except (NetlinkError, OSError) as error:
-            raise InterceptError(_explain_os_error(error, "reading the policy routing")) \
-                from None
-        return rules, routes
+
+# -- policy routing (both modes) ---------------------------------------------------------
+
+
+def add_policy_routing(spec: InterceptSpec) -> None:
+    """The policy rules `fwmark MARK lookup TABLE` and the `local` default routes of
+    TABLE for the spec's families, tagged `proto RT_PROTO`. Shared by both modes: TPROXY
+    and the eBPF tc program mark the packets, these rules deliver them locally."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    families = [socket.AF_INET if v == 4 else socket.AF_INET6 for v in spec.families]
+    try:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")
+            if not lo:
+                raise InterceptError("this network namespace has no loopback interface")
+            if not ipr.get_links(lo[0])[0]["flags"] & IFF_UP:
+                # The local routes point at lo; captured packets would be dropped.
+                raise InterceptError("the loopback interface (lo) is down: bring it up "
+                                     "(ip link set lo up)")
+            for family in families:
+                route = {"family": family, "dst": "0.0.0.0/0" if family == socket.AF_INET
+                         else "::/0", "type": "local", "oif": lo[0],
+                         "table": spec.route_table, "proto": RT_PROTO}
+                if family == socket.AF_INET:
+                    route["scope"] = RT_SCOPE_HOST
+                _add_tolerating_existing(ipr.route, route)
+                _add_tolerating_existing(ipr.rule, {
+                    "family": family, "fwmark": spec.fwmark, "table": spec.route_table,
+                    "priority": RULE_PRIORITY, "protocol": RT_PROTO})
+    except (NetlinkError, OSError) as error:
+        raise InterceptError(_explain_os_error(error, "adding the policy routing")) \
+            from None
+
+def remove_policy_routing() -> None:
+    """Delete every policy rule and route tagged `proto RT_PROTO` (whichever mode, mark or
+    table added them, also when a crashed process did)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ipr:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for rule in ipr.get_rules(family=family):
+                    if rule.get("protocol") == RT_PROTO:
+                        with contextlib.suppress(NetlinkError):
+                            ipr.rule("del", family=family,
+                                     priority=rule.get("priority"),
+                                     fwmark=rule.get("fwmark"),
+                                     table=rule.get("table"), protocol=RT_PROTO)
+                for route in ipr.route("dump", family=family):
+                    if route.get("proto") == RT_PROTO:
+                        with contextlib.suppress(NetlinkError):
+                            ipr.route("del", family=family, table=route.get("table"),
+                                      dst=route.get("dst") or None,
+                                      dst_len=route["dst_len"],
+                                      type=route["type"], proto=RT_PROTO,
+                                      scope=route["scope"])
+    except (NetlinkError, OSError) as error:
+        raise InterceptError(_explain_os_error(error, "removing the policy routing")) \
+            from None
+
+def policy_routing() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rules, routes) tagged `proto RT_PROTO`, JSON-ready for status."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    rules, routes = [], []
+    try:
+        with IPRoute() as ipr:
+            names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
+            for family, name in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+                for rule in ipr.get_rules(family=family):
+                    if rule.get("protocol") == RT_PROTO:
+                        rules.append({"family": name, "priority": rule.get("priority"),
+                                      "fwmark": f"{rule.get('fwmark') or 0:#x}",
+                                      "table": rule.get("table")})
+                for route in ipr.route("dump", family=family):
+                    if route.get("proto") == RT_PROTO:
+                        any_dst = "0.0.0.0" if family == socket.AF_INET else "::"
+                        routes.append({
+                            "family": name, "type": "local" if route["type"] == RTN_LOCAL
+                            else route["type"],
+                            "dst": f"{route.get('dst') or any_dst}/{route['dst_len']}",
+                            "dev": names.get(route.get("oif"), route.get("oif")),
+                            "table": route.get("table")})
+    except (NetlinkError, OSError) as error:
+        raise InterceptError(_explain_os_error(error, "reading the policy routing")) \
+            from None
+    return rules, routes
 
 
 # Expressions of the ruleset that need a kernel module, for naming what is missing.

@@ -1,10 +1,11 @@
 """tproxy: transparent interception of traffic whose clients do not know a proxy exists.
 
 With `tproxy: true` the gateway installs (and removes on exit) one nftables table
-`inet sluicegate`, fwmark policy rules and local routes, and listens with IP_TRANSPARENT on
-`listen`; TCP traffic routed through this host to the captured ports is handed to the named
-service (its routes, plugins, upstream), or, when the service has no upstream or is not
-defined, sent on to its original destination. `tproxy: false` is an ordinary listener whose
+`inet sluicegate` (`mode: ebpf`: BPF programs instead, docs/ebpf.md), fwmark policy rules
+and local routes, and listens with IP_TRANSPARENT on `listen`; TCP traffic routed through
+this host to the captured ports is handed to the named service (its routes, plugins,
+upstream), or, when the service has no upstream or is not defined, sent on to its original
+destination. `tproxy: false` is an ordinary listener whose
 traffic the named service handles.
 
 This is an entry point, not a phase plugin: it adds no hooks to any chain.
@@ -28,8 +29,15 @@ class TproxyConfig(PluginConfig):
     tproxy: bool = True
     """true: capture traffic transparently (TPROXY); false: an ordinary listener."""
     mode: Literal["tproxy", "ebpf"] = "tproxy"
-    """The kernel mechanism that captures traffic: tproxy (nftables + policy routing).
-    ebpf (sk_lookup steering) is not built in this version."""
+    """The kernel mechanism that captures traffic: tproxy (an nftables table + policy
+    routing) or ebpf (sk_lookup steering + a tcx marking program + the same policy routing,
+    no firewall rule; needs libbpf1, see docs/ebpf.md)."""
+    fail_open: bool | None = None
+    """When the gateway dies (even kill -9), traffic flows to its original destinations
+    instead of being captured by rules nobody serves. Default (null): true in ebpf mode
+    (the BPF links die with the process); tproxy mode cannot (its rules stay until the next
+    start or `sluicegate intercept down`), so true is refused there. false in ebpf mode
+    pins the links: capture survives a crash, as in tproxy mode."""
     handle: Literal["http", "tcp"] = "http"
     """How intercepted TCP is handled: http parses it and runs it through the named
     service (routes, plugins); tcp relays bytes (stream_routes, else the original
@@ -72,9 +80,9 @@ class Tproxy(Plugin):
 
     @classmethod
     def check(cls, conf: TproxyConfig) -> list[str]:
-        if conf.mode == "ebpf":
-            return ["mode: ebpf interception (sk_lookup) is not available in this version; "
-                    "use mode: tproxy"]
+        if conf.mode == "tproxy" and conf.fail_open:
+            return ["fail_open: true needs mode: ebpf (TPROXY rules stay after a crash until "
+                    "the next start or `sluicegate intercept down`)"]
         if not conf.tproxy:
             return []
         try:

@@ -12,11 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from sluicegate.config.model import GatewayConfig, parse_listen
-from sluicegate.intercept.entries import InterceptEntry
+from sluicegate.intercept.entries import InterceptEntry, transparent_socket
 from sluicegate.intercept.sockets import (
     recv_with_original_destination,
     transparent_connect_socket,
-    transparent_listener,
     udp_reply_socket,
 )
 from sluicegate.intercept.spec import is_listener_destination
@@ -93,8 +92,8 @@ class StreamPlane:
             server = StreamServer(table, splice=self.splice, connect_socket_factory=factory,
                                   is_own_destination=is_own, on_close=self._closed("tcp"))
             for host in entry.listen_hosts:
-                server.add_listener(transparent_listener(host, port, "tcp",
-                                                         reuse_port=self.reuse_port),
+                server.add_listener(transparent_socket(host, port, "tcp",
+                                                       reuse_port=self.reuse_port),
                                     transparent=True)
             self.transparent_tcp.append((entry.scope, server))
         if "udp" in entry.conf.protocols:
@@ -105,8 +104,8 @@ class StreamPlane:
                              connect_socket_factory=factory, is_own_destination=is_own,
                              on_close=self._closed("udp"))
             for host in entry.listen_hosts:
-                proxy.add_listener(transparent_listener(host, port, "udp",
-                                                        reuse_port=self.reuse_port),
+                proxy.add_listener(transparent_socket(host, port, "udp",
+                                                      reuse_port=self.reuse_port),
                                    recv_hook=recv_with_original_destination)
             self.transparent_udp.append((entry.scope, proxy))
 
