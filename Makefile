@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests need: nginx (test backend), promtool (metrics lint), curl,
 # nftables + iproute2 (TPROXY interception in test namespaces), iperf3 (stream tests),
 # redis-server (cluster-wide rate limits), etcd-server (cluster config store).
-TEST_PACKAGES := nginx-light prometheus curl nftables iproute2 iperf3 redis-server etcd-server
+TEST_PACKAGES := nginx-light prometheus curl nftables iproute2 iperf3 redis-server etcd-server libbpf1
 BENCH_PACKAGES := nginx-light haproxy wrk curl
 
-.PHONY: run test venv deps lint bench clean
+.PHONY: run test venv deps lint bench clean bpf bpf-tools bpf-objects
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,36 @@ bench: $(STAMP)
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 	$(PY) -m pip install -q -e '.[bench]'
 	bench/http_proxy.sh
+
+# eBPF objects (src/sluicegate/bpf/obj/*.bpf.o) are committed: users need no compiler, only
+# libbpf1 at run time. `make bpf` rebuilds them: it installs the toolchain when missing,
+# generates vmlinux.h from this kernel's BTF (CO-RE: the objects relocate on other kernels;
+# vmlinux.h is large and .gitignored) and compiles each src/NAME.bpf.c.
+BPF_PACKAGES := clang llvm libbpf-dev bpftool
+BPF_DIR := src/sluicegate/bpf
+BPF_SOURCES := $(wildcard $(BPF_DIR)/src/*.bpf.c)
+BPF_OBJECTS := $(patsubst $(BPF_DIR)/src/%.bpf.c,$(BPF_DIR)/obj/%.bpf.o,$(BPF_SOURCES))
+BPF_CFLAGS := -O2 -g -target bpf -D__TARGET_ARCH_x86 -Wall -Werror -I$(BPF_DIR)/src
+
+bpf: bpf-tools
+	@$(MAKE) --no-print-directory bpf-objects
+
+bpf-objects: $(BPF_OBJECTS)
+
+bpf-tools:
+	@missing=""; for p in $(BPF_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(BPF_DIR)/src/vmlinux.h:
+	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
+
+$(BPF_DIR)/obj/%.bpf.o: $(BPF_DIR)/src/%.bpf.c $(wildcard $(BPF_DIR)/src/*.h) | $(BPF_DIR)/src/vmlinux.h
+	@mkdir -p $(dir $@)
+	clang $(BPF_CFLAGS) -c $< -o $@
+	llvm-strip -g $@ 2>/dev/null || true
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -2,7 +2,8 @@
 
 The supervisor serves `/metrics` (the sum over workers, asked over a socketpair per worker
 at scrape time), forwards SIGHUP, restarts a worker that dies, and on SIGTERM stops all
-workers (each drains) and exits 0 when they all did.
+workers (each drains) and exits 0 when they all did. Each worker follows the config store
+(`--store`, passed on) by itself.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sluicegate.limits.counters import LIMITS_DIR_ENV
 from sluicegate.observe.exposition import serve_metrics
 from sluicegate.observe.metrics import merge_snapshots
 from sluicegate.plugins.base import PluginEnv
+from sluicegate.store.open import open_store
 from sluicegate.worker import stop_requested
 
 log = logging.getLogger("sluicegate")
@@ -65,8 +67,10 @@ class WorkerHandle:
 
 class Supervisor:
     def __init__(self, config_path: str | Path, validated: ValidatedConfig, workers: int,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", store_url: str | None = None) -> None:
         self.config_path = str(config_path)
+        self.store_url = store_url
+        self.store = open_store(store_url, config_path)  # for the Admin API run here
         self.validated = validated
         self.count = workers
         self.log_level = log_level
@@ -76,14 +80,21 @@ class Supervisor:
         # Shared-memory rate-limit counters: one table for all workers (exact limits).
         self.limits_dir: str | None = None
         self.owns_limits_dir = False
+        # Per worker: listener fds it inherits and the env naming them (eBPF mode).
+        self.shared: list[tuple[list[int], dict[str, str]]] = []
 
     async def start_worker(self, index: int) -> None:
         parent, child = socket.socketpair()
         command = [sys.executable, "-m", "sluicegate", "--log-level", self.log_level, "worker",
                    "-c", self.config_path, "--index", str(index),
                    "--control-fd", str(child.fileno())]
-        env = {**os.environ, LIMITS_DIR_ENV: self.limits_dir} if self.limits_dir else None
-        process = subprocess.Popen(command, pass_fds=[child.fileno()], env=env)
+        if self.store_url is not None:
+            command += ["--store", self.store_url]
+        fds, shared_env = self.shared[index] if index < len(self.shared) else ([], {})
+        env = {**os.environ, **shared_env}
+        if self.limits_dir:
+            env[LIMITS_DIR_ENV] = self.limits_dir
+        process = subprocess.Popen(command, pass_fds=[child.fileno(), *fds], env=env)
         child.close()
         reader, writer = await asyncio.open_connection(sock=parent)
         self.workers[index] = WorkerHandle(index, process, reader, writer)
@@ -123,17 +134,20 @@ class Supervisor:
         try:
             return await self._run_workers(stop)
         finally:
+            await self.store.close()
             if self.owns_limits_dir:
                 shutil.rmtree(self.limits_dir, ignore_errors=True)
 
     async def _run_workers(self, stop: asyncio.Event) -> int:
+        # The supervisor outlives its workers: it owns the interception rules (and in
+        # eBPF mode the transparent listeners, which the workers inherit).
+        owner = InterceptionOwner(intercept_entries(self.validated.config))
+        self.shared = owner.share_listeners(self.count)
         for index in range(self.count):
             await self.start_worker(index)
         if any(w.process.poll() is not None for w in self.workers.values()):
             log.error("a worker failed to start; stopping")
             stop.set()
-        # The supervisor outlives its workers: it owns the interception rules.
-        owner = InterceptionOwner(intercept_entries(self.validated.config))
         try:
             if not stop.is_set():
                 owner.install()
@@ -154,6 +168,18 @@ class Supervisor:
             host, port = parse_listen(settings.metrics_listen)
             metrics_server = await serve_metrics(host, port, self.gather_metrics,
                                                  self.gather_healthcheck)
+        # The Admin API runs in one process: with several workers, here.
+        admin, admin_failed = None, False
+        if not stop.is_set():
+            from sluicegate.admin.server import start_admin_server
+
+            try:
+                admin = await start_admin_server(self.validated.config.admin,
+                                                 self.store, self.config_path)
+            except OSError as exc:
+                log.error("cannot start: %s", exc.strerror or exc)
+                stop.set()
+                admin_failed = True
         log.info("supervisor started %d workers", self.count)
         while not stop.is_set():
             try:
@@ -163,9 +189,13 @@ class Supervisor:
         self.stopping = True
         if metrics_server is not None:
             metrics_server.close()
+        if admin is not None:
+            await admin.stop()
         self._forward(signal.SIGTERM)
         deadline = settings.drain_timeout + STOP_GRACE
         codes = await asyncio.gather(*(self._wait(w, deadline) for w in self.workers.values()))
+        if admin_failed:
+            return 4  # ExitCode.RUNTIME_ERROR: cannot start
         return 0 if all(code == 0 for code in codes) else 1
 
     async def _wait(self, worker: WorkerHandle, timeout: float) -> int:

@@ -2,6 +2,8 @@
 
 SIGTERM/SIGINT drain in-flight requests (bounded by `gateway.drain_timeout`) and exit 0.
 SIGHUP re-reads the config file: a bad file is rejected whole and the running config stays.
+The worker also follows its config store (the file itself, polled, or etcd): each new state
+is validated, compiled and swapped in by the same path as SIGHUP, all or nothing.
 """
 
 from __future__ import annotations
@@ -13,10 +15,16 @@ import pickle
 import signal
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
-from sluicegate.config.load import ConfigError, ValidatedConfig, load_config_file
+from sluicegate.config.load import (
+    ConfigError,
+    ValidatedConfig,
+    load_config_file,
+    validate_config,
+)
 from sluicegate.config.model import parse_listen
 from sluicegate.config.tls import https_listen_addresses
 from sluicegate.http.clock import CLOCK
@@ -24,12 +32,17 @@ from sluicegate.http.health import HealthCheckers, has_checks, healthcheck_respo
 from sluicegate.http.https import listen_https
 from sluicegate.http.server import HttpServer
 from sluicegate.http.snapshot import Snapshot, compile_snapshot
-from sluicegate.intercept.entries import InterceptEntry, InterceptionOwner, intercept_entries
-from sluicegate.intercept.sockets import transparent_listener
+from sluicegate.intercept.entries import (
+    InterceptEntry,
+    InterceptionOwner,
+    intercept_entries,
+    transparent_socket,
+)
 from sluicegate.intercept.tproxy import InterceptError
 from sluicegate.observe.exposition import serve_metrics
 from sluicegate.observe.metrics import MetricsStore
 from sluicegate.plugins.base import PluginEnv
+from sluicegate.store.base import ConfigStore, StoreError, StoreState
 from sluicegate.stream.plane import StreamPlane
 
 log = logging.getLogger("sluicegate")
@@ -58,8 +71,13 @@ class Worker:
 
     def __init__(self, config_path: str | Path | None, validated: ValidatedConfig,
                  reuse_port: bool = False, control: socket.socket | None = None,
-                 index: int = 0, owns_interception: bool = True) -> None:
+                 index: int = 0, owns_interception: bool = True,
+                 store: ConfigStore | None = None) -> None:
         self.owns_interception = owns_interception
+        self.store = store  # followed while serving; None: the file, on SIGHUP only
+        self.state: StoreState | None = None  # the store state being served
+        self.follower: asyncio.Task[None] | None = None
+        self.started_at = time.monotonic()
         self.config_path = config_path
         self.validated = validated
         self.reuse_port = reuse_port
@@ -72,6 +90,7 @@ class Worker:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.health = HealthCheckers()  # upstream health state and probe tasks
         self.stream: StreamPlane | None = None
+        self.intercept_mode = "tproxy"  # of the transparent entry, for stream metrics
 
     def compile(self, validated: ValidatedConfig) -> Snapshot:
         return compile_snapshot(validated.config, PluginEnv(metrics=self.metrics), self.version)
@@ -85,6 +104,8 @@ class Worker:
         if stop_requested():
             self.stopping.set()
         CLOCK.start(loop)
+        if self.store is not None:
+            await self._load_from_store()
         snapshot = self.compile(self.validated)
         self.health.attach(snapshot)
         self.server = server = HttpServer(snapshot)
@@ -94,6 +115,7 @@ class Worker:
             await server.listen(host, port, self.reuse_port)
         await listen_https(server, snapshot.config, self.reuse_port)
         entries = intercept_entries(snapshot.config)
+        self.intercept_mode = next((e.mode for e in entries if e.spec), "tproxy")
         await self._listen_for_entries(entries)
         self.stream = StreamPlane(snapshot.config, self.reuse_port, self._stream_closed)
         self.stream.start(entries)
@@ -103,15 +125,54 @@ class Worker:
         try:
             if owner is not None:
                 owner.install()
+            if self.store is not None:
+                self.follower = loop.create_task(self._follow(self.store))
             return await self._serve(snapshot)
         except InterceptError as exc:
             log.error("cannot intercept: %s", exc)
             await server.drain(0)
             return 4
         finally:
+            if self.follower is not None:
+                self.follower.cancel()
+                await asyncio.gather(self.follower, return_exceptions=True)
+            if self.store is not None:
+                await self.store.close()
             if owner is not None:
                 owner.remove()
             CLOCK.stop()
+
+    async def _load_from_store(self) -> None:
+        """Start from the store's current state. When it cannot answer now, start with the
+        config handed in (read by the CLI) and let the follower catch up."""
+        assert self.store is not None
+        try:
+            state = await self.store.load()
+            self.validated = validate_config(state.document())
+        except (StoreError, ConfigError) as exc:
+            log.error("config store %r: cannot load (%s); starting with the local file's "
+                      "config, following the store until it answers", self.store, exc)
+            return
+        self.state = state
+
+    async def _follow(self, store: ConfigStore) -> None:
+        """Apply every state the store yields; a rejected one leaves the running config."""
+        after = self.state or StoreState(0, {})
+        while True:
+            try:
+                async for state in store.watch(after):
+                    after = state
+                    try:
+                        validated = validate_config(state.document())
+                    except ConfigError as exc:
+                        _log_rejected(exc)
+                        continue
+                    if self.apply(validated):
+                        self.state = state
+            except Exception:
+                # The store's feed must not end silently: that would freeze the config.
+                log.exception("config store %r: following failed; starting again", store)
+                await asyncio.sleep(1.0)
 
     async def _listen_for_entries(self, entries: list[InterceptEntry]) -> None:
         assert self.server is not None
@@ -122,9 +183,9 @@ class Worker:
                 if entry.spec is None:
                     await self.server.listen(host, entry.port, self.reuse_port, scope=entry.scope)
                 else:
-                    sock = transparent_listener(host, entry.port, "tcp",
-                                                reuse_port=self.reuse_port)
-                    await self.server.listen_socket(sock, entry.scope, "tproxy")
+                    sock = transparent_socket(host, entry.port, "tcp",
+                                              reuse_port=self.reuse_port)
+                    await self.server.listen_socket(sock, entry.scope, entry.mode)
 
     async def _serve(self, snapshot: Snapshot) -> int:
         server = self.server
@@ -135,6 +196,14 @@ class Worker:
             host, port = parse_listen(snapshot.config.gateway.metrics_listen)
             metrics_server = await serve_metrics(host, port, self._local_metrics,
                                                  self._healthcheck)
+        # The Admin API runs in one process: this worker when it is the only one (else the
+        # supervisor runs it).
+        admin = None
+        if self.control is None:
+            from sluicegate.admin.server import start_admin_server
+
+            admin = await start_admin_server(snapshot.config.admin,
+                                             self.store, self.config_path)
         if self.control is not None:
             self.control.send(b"R")  # ready: the supervisor may now forward signals
             self._spawn(self._answer_control())
@@ -147,6 +216,8 @@ class Worker:
                  snapshot.config.gateway.drain_timeout)
         if metrics_server is not None:
             metrics_server.close()
+        if admin is not None:
+            await admin.stop()
         self.health.stop()
         clean = await server.drain(server.snapshot.config.gateway.drain_timeout)
         if self.stream is not None:
@@ -158,29 +229,51 @@ class Worker:
         return 0
 
     def reload(self) -> None:
-        """Re-read the config file; all or nothing."""
-        if self.config_path is None or self.server is None:
+        """SIGHUP: re-read the config file (with a store: what comes from the file, see
+        `ConfigStore.reread_base`) and apply it; all or nothing."""
+        if self.server is None:
             return
+        state = None
         try:
-            validated = load_config_file(self.config_path)
-            self.version += 1
-            snapshot = self.compile(validated)
+            if self.store is not None:
+                state = self.store.reread_base(self.state or StoreState(0, {}))
+                validated = validate_config(state.document())
+            elif self.config_path is not None:
+                validated = load_config_file(self.config_path)
+            else:
+                return
         except ConfigError as exc:
-            log.error("config reload rejected, still serving the previous config:\n%s",
-                      "\n".join(f"  {line}" for line in exc.errors))
+            _log_rejected(exc)
             return
         except Exception:
             log.exception("config reload failed, still serving the previous config")
             return
+        if self.apply(validated) and state is not None:
+            self.state = state
+
+    def apply(self, validated: ValidatedConfig) -> bool:
+        """Compile a validated config and swap it in, all or nothing; False if rejected.
+        In-flight requests finish on the snapshot they started with."""
+        if self.server is None:
+            return False
+        try:
+            self.version += 1
+            snapshot = self.compile(validated)
+        except ConfigError as exc:
+            _log_rejected(exc)
+            return False
+        except Exception:
+            log.exception("config reload failed, still serving the previous config")
+            return False
         if snapshot.unavailable:
             log.error("config reload rejected: %s", "; ".join(snapshot.unavailable))
-            return
+            return False
         if intercept_entries(snapshot.config) != intercept_entries(self.server.snapshot.config):
             # Listeners and kernel rules are set up at start; swapping them live is not
             # built yet, and applying the rest alone would be a half-applied config.
             log.error("config reload rejected: the tproxy (interception) entries changed; "
                       "restart sluicegate to apply them")
-            return
+            return False
         old = self.server.snapshot.config.gateway
         if snapshot.config.gateway.listen != old.listen:
             log.warning("gateway.listen changed: restart to apply new listeners")
@@ -193,6 +286,7 @@ class Worker:
         if self.stream is not None:
             self.stream.swap(snapshot.config)
         log.info("config reloaded (version %d, %d routes)", self.version, len(snapshot.routes))
+        return True
 
     def _stream_closed(self, protocol: str, flow: Any) -> None:
         route = flow.route.id if flow.route is not None else ""
@@ -202,7 +296,7 @@ class Worker:
         if destination is not None:
             host, port = destination[0], destination[1]
             self.metrics.record_interception(
-                "tproxy", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+                self.intercept_mode, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
     def metrics_snapshot(self) -> dict[str, Any]:
         snap = self.metrics.snapshot()
@@ -211,6 +305,13 @@ class Worker:
             snap["gauges"]["http_connections"] = len(server.connections)
             snap["gauges"]["upstream_idle_connections"] = server.pool.idle_count()
             snap["gauges"]["workers"] = 1
+        if self.store is not None:
+            # How current the served config is; the supervisor merges these by the worst
+            # worker (observe/metrics.py GAUGE_MERGE).
+            snap["gauges"]["config_revision"] = self.state.revision if self.state else 0
+            confirmed = self.store.confirmed_at or self.started_at  # never: since start
+            snap["gauges"]["config_age_seconds"] = time.monotonic() - confirmed
+            snap["gauges"]["config_stale"] = 1 if self.store.stale else 0
         snap.update(self.health.metrics())
         return snap
 
@@ -239,3 +340,8 @@ class Worker:
         task = asyncio.get_running_loop().create_task(coroutine)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+
+def _log_rejected(exc: ConfigError) -> None:
+    log.error("config reload rejected, still serving the previous config:\n%s",
+              "\n".join(f"  {line}" for line in exc.errors))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -237,3 +238,64 @@ def test_run_with_fewer_than_one_worker_is_a_usage_error(tmp_path, workers):
         _, stderr = process.communicate()
     assert process.returncode == USAGE, stderr
     assert "workers" in stderr
+
+
+# -- hash-secret -----------------------------------------------------------------------------
+
+
+def hash_secret(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sluicegate", "hash-secret", *args],
+                          cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=30)
+
+
+def test_hash_secret_prints_a_pbkdf2_hash_of_the_password_from_stdin():
+    from sluicegate.plugins.basic_auth import PasswordHash
+
+    result = hash_secret(stdin="correct horse\n")
+    assert result.returncode == OK, result.stderr
+    stored = result.stdout.strip()
+    assert stored.startswith("$pbkdf2-sha256$600000$")
+    assert "correct horse" not in result.stdout + result.stderr
+    parsed = PasswordHash.parse(stored)
+    assert parsed.verify(b"correct horse")  # the newline `echo` added is not part of it
+    assert not parsed.verify(b"correct horse\n")
+
+
+def test_hash_secret_salts_each_password_differently():
+    assert hash_secret(stdin="same").stdout != hash_secret(stdin="same").stdout
+
+
+def test_hash_secret_kind_key_prints_the_sha256_form():
+    result = hash_secret("--kind", "key", stdin="my-api-key\n")
+    assert result.returncode == OK, result.stderr
+    assert result.stdout.strip() == ("sha256:" + hashlib.sha256(b"my-api-key").hexdigest())
+
+
+def test_hash_secret_output_is_accepted_by_validate(tmp_path):
+    password = hash_secret(stdin="pw-1").stdout.strip()
+    key = hash_secret("--kind", "key", stdin="key-1").stdout.strip()
+    path = write(tmp_path / "hashed.yaml", {"consumers": [{"username": "jack", "plugins": {
+        "basic-auth": {"username": "jack", "password": password},
+        "key-auth": {"key": key}}}]})
+    result = sluicegate("validate", str(path))
+    assert result.returncode == OK, result.stderr
+
+
+def test_hash_secret_refuses_an_empty_secret():
+    result = hash_secret(stdin="\n")
+    assert result.returncode == USAGE
+    assert "empty" in result.stderr
+    assert result.stdout == ""
+    assert_no_traceback(result)
+
+
+def test_hash_secret_unknown_kind_is_a_usage_error():
+    result = hash_secret("--kind", "token", stdin="x")
+    assert result.returncode == USAGE
+    assert "token" in result.stderr
+
+
+def test_hash_secret_help_shows_an_example():
+    result = sluicegate("hash-secret", "--help")
+    assert result.returncode == OK
+    assert re.search(r"^\s+.*sluicegate hash-secret\b", result.stdout, re.MULTILINE)

@@ -48,6 +48,11 @@ COMMANDS = [
                 Argument(("--workers",), {"type": int, "metavar": "N", "help":
                                           "worker processes sharing the port with SO_REUSEPORT"
                                           " (default: gateway.workers, 1)"}),
+                Argument(("--store",), {"metavar": "URL", "help":
+                                        "where routes, upstreams... live, followed live: "
+                                        "etcd://host:port[,host:port][/prefix] (etcd v3; "
+                                        "prefix default /sluicegate; gateway settings still "
+                                        "from -c). Default: the -c file, watched for edits"}),
             ]),
     Command("validate", "check a config file; lists every error as path.to.field: reason",
             "sluicegate validate examples/quickstart.yaml", "cmd_validate", [
@@ -55,18 +60,65 @@ COMMANDS = [
             ]),
     Command("schema", "print the JSON Schema of the config file (for editors)",
             "sluicegate schema > sluicegate.schema.json", "cmd_schema"),
+    Command("hash-secret", "read a secret from stdin (or a prompt) and print the form to "
+            "store in a consumer: a pbkdf2-sha256 hash for basic-auth `password`, "
+            "sha256:<hex> for key-auth `key`",
+            "printf %s \"$PASSWORD\" | sluicegate hash-secret --kind password",
+            "cmd_hash_secret", [
+                Argument(("--kind",), {"choices": ["password", "key"], "default": "password",
+                                       "help": "password (basic-auth, default) or key "
+                                               "(key-auth)"}),
+            ]),
+    Command("admin", "read or change resources through a running gateway's Admin API "
+            "(key: --key or SLUICEGATE_ADMIN_KEY; URL: --url or SLUICEGATE_ADMIN_URL, "
+            "default http://127.0.0.1:9180)",
+            "sluicegate admin put routes r1 -f route.yaml   # or: admin get routes r1",
+            "cmd_admin", [
+                Argument(("action",), {"choices": ["get", "put", "post", "patch", "delete"],
+                                       "help": "get: one resource, or the list without ID; "
+                                               "put: create or replace; post: create with a "
+                                               "generated id; patch: merge-patch; delete"}),
+                Argument(("resource",), {"metavar": "RESOURCE", "help": "routes, services, "
+                                         "upstreams, consumers, consumer_groups, "
+                                         "plugin_configs, global_rules, stream_routes, ssls"}),
+                Argument(("id",), {"nargs": "?", "metavar": "ID",
+                                   "help": "the resource's id (consumers: username)"}),
+                Argument(("-f", "--file"), {"metavar": "FILE", "help":
+                                            "the body, YAML or JSON (- for stdin)"}),
+                Argument(("--url",), {"help": "Admin API base URL"}),
+                Argument(("--key",), {"help": "Admin API key (prefer SLUICEGATE_ADMIN_KEY: "
+                                              "arguments show in the process list)"}),
+            ]),
+    Command("config", "show the running gateway's config (from its Admin API; secrets "
+            "redacted)", "sluicegate config dump > running.yaml", "cmd_config", [
+                Argument(("action",), {"choices": ["dump"],
+                                       "help": "dump: print it as YAML"}),
+                Argument(("--url",), {"help": "Admin API base URL"}),
+                Argument(("--key",), {"help": "Admin API key (prefer SLUICEGATE_ADMIN_KEY)"}),
+            ]),
     Command("intercept", "show or remove the transparent interception installed in this "
-            "network namespace (nftables table `inet sluicegate`, fwmark rules, local routes)",
+            "network namespace: TPROXY (nftables table `inet sluicegate`, fwmark rules, local "
+            "routes) or eBPF (links and pins under $SLUICEGATE_BPFFS, default "
+            "/sys/fs/bpf/sluicegate, and the same routing)",
             "sluicegate intercept status    # or: sluicegate intercept down", "cmd_intercept", [
                 Argument(("action",), {"choices": ["status", "down"],
                                        "help": "status: what is installed, with counters; "
-                                               "down: remove it all (also after a crash)"}),
+                                               "down: remove it all, either mode (also after "
+                                               "a crash)"}),
+            ]),
+    Command("bpf", "list sluicegate's pinned BPF programs, maps and links (ids and names, as "
+            "bpftool shows them) in $SLUICEGATE_BPFFS (default /sys/fs/bpf/sluicegate)",
+            "sluicegate bpf status    # then e.g.: bpftool map dump id ID", "cmd_bpf", [
+                Argument(("action",), {"choices": ["status"],
+                                       "help": "status: pinned objects and the links "
+                                               "running the pinned programs"}),
             ]),
     Command("worker", "internal: one worker process started by `run --workers N`",
             "", "cmd_worker", [
                 Argument(("-c", "--config"), {"required": True}),
                 Argument(("--index",), {"type": int, "default": 0}),
                 Argument(("--control-fd",), {"type": int, "required": True}),
+                Argument(("--store",), {"default": None}),
             ], hidden=True),
 ]
 
@@ -129,6 +181,39 @@ def _load(path: str) -> Any:
     return validated
 
 
+def _load_store(url: str, path: str) -> tuple[Any, int]:
+    """The first config from a `--store`: (validated, OK) or (None, exit code)."""
+    import asyncio
+
+    from sluicegate.config.load import ConfigError, validate_config
+    from sluicegate.store.base import StoreError
+    from sluicegate.store.open import open_store
+
+    try:
+        store = open_store(url, path)
+    except ValueError as exc:
+        print(f"error: --store {exc}", file=sys.stderr)
+        return None, ExitCode.USAGE
+
+    async def first_state() -> Any:
+        try:
+            return await store.load()
+        finally:
+            await store.close()
+
+    try:
+        validated = validate_config(asyncio.run(first_state()).document())
+    except StoreError as exc:
+        print(f"error: cannot load the config from {url}: {exc}", file=sys.stderr)
+        return None, ExitCode.RUNTIME_ERROR
+    except ConfigError as exc:
+        print(f"{url}: invalid config:", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return None, ExitCode.INVALID_CONFIG
+    return validated, ExitCode.OK
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     validated = _load(args.file)
     if validated is None:
@@ -172,6 +257,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     validated = _load(args.config)
     if validated is None:
         return ExitCode.INVALID_CONFIG
+    if args.store is not None:
+        validated, code = _load_store(args.store, args.config)
+        if validated is None:
+            return code
     if not _check_available(validated):
         return ExitCode.NOT_AVAILABLE
     workers = args.workers if args.workers is not None else validated.config.gateway.workers
@@ -182,12 +271,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         if workers == 1:
+            from sluicegate.store.open import open_store
             from sluicegate.worker import Worker
 
-            return uvloop.run(Worker(args.config, validated).run())
+            return uvloop.run(Worker(args.config, validated,
+                                     store=open_store(args.store, args.config)).run())
         from sluicegate.supervisor import Supervisor
 
-        return uvloop.run(Supervisor(args.config, validated, workers, args.log_level).run())
+        return uvloop.run(Supervisor(args.config, validated, workers, args.log_level,
+                                     store_url=args.store).run())
     except OSError as exc:
         print(f"error: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return ExitCode.RUNTIME_ERROR
@@ -202,12 +294,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return ExitCode.INVALID_CONFIG
     import uvloop
 
+    from sluicegate.store.open import open_store
     from sluicegate.worker import Worker
 
     control = socket.socket(fileno=args.control_fd)
     try:
         return uvloop.run(Worker(args.config, validated, reuse_port=True, control=control,
-                                 index=args.index, owns_interception=False).run())
+                                 index=args.index, owns_interception=False,
+                                 store=open_store(args.store, args.config)).run())
     except OSError as exc:
         print(f"error: worker {args.index} cannot start: {exc.strerror or exc}",
               file=sys.stderr)
@@ -215,16 +309,128 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_intercept(args: argparse.Namespace) -> int:
+    from sluicegate.intercept.ebpf import EbpfInterceptor
     from sluicegate.intercept.tproxy import InterceptError, TproxyInterceptor
 
-    interceptor = TproxyInterceptor()
+    ebpf, tproxy = EbpfInterceptor(), TproxyInterceptor()
     try:
         if args.action == "down":
-            interceptor.remove()
+            # Both modes: they share the tagged policy routing, and a crash of either may
+            # have left its objects.
+            failures = []
+            for interceptor in (ebpf, tproxy):
+                try:
+                    interceptor.remove()
+                except InterceptError as exc:
+                    failures.append(exc)
+            if failures:
+                raise failures[0]
             print("interception removed")
         else:
-            print(json.dumps(interceptor.status(), indent=2, default=str))
+            shown = ebpf.status() if ebpf.folder.is_dir() else tproxy.status()
+            print(json.dumps(shown, indent=2, default=str))
     except InterceptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.RUNTIME_ERROR
+    return ExitCode.OK
+
+
+def cmd_bpf(args: argparse.Namespace) -> int:
+    from sluicegate.bpf.libbpf import BpfError
+    from sluicegate.intercept.ebpf import bpf_status
+
+    try:
+        print(json.dumps(bpf_status(), indent=2))
+    except BpfError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.RUNTIME_ERROR
+    return ExitCode.OK
+
+
+def cmd_hash_secret(args: argparse.Namespace) -> int:
+    import getpass
+
+    from sluicegate.plugins.basic_auth import hash_password
+    from sluicegate.plugins.key_auth import hash_key
+
+    if sys.stdin.isatty():
+        secret = getpass.getpass(f"{args.kind}: ")
+        if getpass.getpass(f"{args.kind} again: ") != secret:
+            print("error: the two entries differ", file=sys.stderr)
+            return ExitCode.USAGE
+    else:
+        # One trailing newline is the `echo` that delivered it, not part of the secret.
+        secret = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    if not secret:
+        print(f"error: empty {args.kind}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(hash_password(secret) if args.kind == "password" else hash_key(secret))
+    return ExitCode.OK
+
+
+def _admin_target(args: argparse.Namespace) -> tuple[str, str] | None:
+    from sluicegate.admin.client import admin_key, admin_url
+
+    key = admin_key(args.key)
+    if key is None:
+        print("error: no Admin API key: set SLUICEGATE_ADMIN_KEY or give --key",
+              file=sys.stderr)
+        return None
+    return admin_url(args.url), key
+
+
+def _admin_failed(reply: Any) -> int:
+    for line in reply.problems():
+        print(f"error: {line}" if not line.startswith(" ") else line, file=sys.stderr)
+    # A refused change is an invalid config, as `validate` would say; anything else
+    # (auth, not found, unreachable) is a runtime failure.
+    return ExitCode.INVALID_CONFIG if reply.status == 400 else ExitCode.RUNTIME_ERROR
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from sluicegate.admin.client import AdminCallError, call, read_body
+
+    needs_body = args.action in ("put", "post", "patch")
+    if needs_body != (args.file is not None):
+        print(f"error: admin {args.action} " + ("needs -f FILE" if needs_body else
+                                                "takes no -f FILE"), file=sys.stderr)
+        return ExitCode.USAGE
+    if args.action in ("delete", "patch") and args.id is None:
+        print(f"error: admin {args.action} needs an ID", file=sys.stderr)
+        return ExitCode.USAGE
+    if args.action == "post" and args.id is not None:
+        print("error: admin post picks the id: leave ID out (or use put)", file=sys.stderr)
+        return ExitCode.USAGE
+    target = _admin_target(args)
+    if target is None:
+        return ExitCode.USAGE
+    path = args.resource + (f"/{args.id}" if args.id is not None else "")
+    try:
+        body = read_body(args.file) if needs_body else None
+        reply = call(*target, args.action.upper(), path, body)
+    except AdminCallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.RUNTIME_ERROR
+    if not reply.ok:
+        return _admin_failed(reply)
+    print(json.dumps(reply.body, indent=2))
+    return ExitCode.OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sluicegate.admin.client import AdminCallError, call
+
+    target = _admin_target(args)
+    if target is None:
+        return ExitCode.USAGE
+    try:
+        reply = call(*target, "GET", "config")
+    except AdminCallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.RUNTIME_ERROR
+    if not reply.ok:
+        return _admin_failed(reply)
+    print(yaml.safe_dump(reply.body["value"], sort_keys=False, allow_unicode=True), end="")
     return ExitCode.OK

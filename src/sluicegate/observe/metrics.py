@@ -55,6 +55,10 @@ class MetricsStore:
         self.intercepted: dict[tuple[str, str], int] = {}
         # (protocol, stream route) -> [connections or flows, bytes in, bytes out]
         self.stream: dict[tuple[str, str], list[int]] = {}
+        # (plugin, outcome) -> requests whose rate-limit store could not answer
+        self.limit_store_errors: dict[tuple[str, str], int] = {}
+        # (logger name, kind) -> count; kinds in HTTP_LOGGER_KINDS
+        self.http_logger: dict[tuple[str, str], int] = {}
 
     def record(self, code: int, route: str, service: str, consumer: str, node: str,
                latency: float, upstream_latency: float, upstream_status: int,
@@ -86,6 +90,14 @@ class MetricsStore:
         key = (mode, original_destination)
         self.intercepted[key] = self.intercepted.get(key, 0) + 1
 
+    def count_http_logger(self, name: str, kind: str, amount: int = 1) -> None:
+        key = (name, kind)
+        self.http_logger[key] = self.http_logger.get(key, 0) + amount
+
+    def record_limit_store_error(self, plugin: str, outcome: str) -> None:
+        key = (plugin, outcome)
+        self.limit_store_errors[key] = self.limit_store_errors.get(key, 0) + 1
+
     def _observe(self, key: tuple[str, str, str, str, str], value: float) -> None:
         histogram = self.latency.get(key)
         if histogram is None:
@@ -102,14 +114,26 @@ class MetricsStore:
             "gauges": dict(self.gauges),
             "intercepted": dict(self.intercepted),
             "stream": {k: list(v) for k, v in self.stream.items()},
+            "limit_store_errors": dict(self.limit_store_errors),
+            "http_logger": dict(self.http_logger),
         }
 
 
+# Gauges that say how current a worker's config is: merged by the worst worker, not summed
+# (the oldest revision served, the longest time since the store confirmed it, any stale).
+GAUGE_MERGE = {"config_revision": min, "config_age_seconds": max, "config_stale": max}
+
+
 def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    snapshots = list(snapshots)
     merged: dict[str, Any] = {"requests": {}, "latency": {}, "bandwidth": {},
-                              "upstream_status": {}, "gauges": {}, "intercepted": {}}
+                              "upstream_status": {}, "gauges": {}, "intercepted": {},
+                              "http_logger": {}}
+    merged["limit_store_errors"] = {}
     for snap in snapshots:
-        for name in ("requests", "bandwidth", "upstream_status", "gauges", "intercepted"):
+        for name in ("limit_store_errors", "requests", "bandwidth", "upstream_status",
+                     "gauges", "intercepted",
+                     "http_logger"):
             target = merged[name]
             for key, value in snap.get(name, {}).items():
                 target[key] = target.get(key, 0) + value
@@ -133,14 +157,39 @@ def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
                                 old_count + count, old_total + total)
             else:
                 latency[key] = (list(buckets), count, total)
+    for name, pick in GAUGE_MERGE.items():
+        values = [snap["gauges"][name] for snap in snapshots if name in snap.get("gauges", {})]
+        if values:
+            merged["gauges"][name] = pick(values)
     return merged
 
+
+# http-logger counters: kind -> (metric family, help, extra labels).
+HTTP_LOGGER_KINDS = {
+    "sent_entries": ("sluicegate_http_logger_sent_entries",
+                     "Log entries the collector accepted (2xx), by http-logger name", {}),
+    "sent_batches": ("sluicegate_http_logger_sent_batches",
+                     "Batches the collector accepted (2xx), by http-logger name", {}),
+    "failed_batches": ("sluicegate_http_logger_failed_batches",
+                       "Batches given up after max_retry_count retries, by http-logger name",
+                       {}),
+    "dropped_queue_full": ("sluicegate_http_logger_dropped",
+                           "Log entries lost: queue_full (max_pending_entries waiting while "
+                           "the collector was down or slow) or send_failed (in a failed "
+                           "batch)", {"reason": "queue_full"}),
+    "dropped_send_failed": ("sluicegate_http_logger_dropped", "", {"reason": "send_failed"}),
+}
 
 GAUGE_HELP = {
     "http_connections": "Client connections open now",
     "upstream_idle_connections": "Idle keep-alive connections to upstreams",
     "workers": "Worker processes serving traffic",
     "config_version": "Version of the config snapshot being served (reloads count up)",
+    "config_revision": "Config store revision being served (the oldest over workers)",
+    "config_age_seconds": "Seconds since the config store last confirmed the served config "
+                          "is current (grows while etcd is unreachable; the worst worker)",
+    "config_stale": "1 while a worker cannot reach its config store (serving the last good "
+                    "config), else 0",
 }
 
 
@@ -217,10 +266,33 @@ class SnapshotCollector(Collector):
         for upstream, value in sorted(snap.get("upstream_all_unhealthy", {}).items()):
             all_unhealthy.add_metric([upstream], value)
         yield all_unhealthy
+        store_errors = CounterMetricFamily(
+            "sluicegate_limit_store_errors",
+            "Requests whose rate-limit store (Redis) could not answer, by plugin and what "
+            "happened to them (allowed: allow_degradation; rejected: 503)",
+            labels=["plugin", "outcome"])
+        for key, value in sorted(snap.get("limit_store_errors", {}).items()):
+            store_errors.add_metric(list(key), value)
+        yield store_errors
+        yield from _http_logger_families(snap.get("http_logger", {}))
         for name, value in sorted(snap["gauges"].items()):
             gauge = GaugeMetricFamily(f"sluicegate_{name}", GAUGE_HELP.get(name, name))
             gauge.add_metric([], value)
             yield gauge
+
+
+def _http_logger_families(counts: dict[tuple[str, str], int]) -> Iterator[Any]:
+    families: dict[str, CounterMetricFamily] = {}
+    for kind, (family_name, help_text, _) in HTTP_LOGGER_KINDS.items():
+        if family_name not in families:
+            extra = list(HTTP_LOGGER_KINDS[kind][2])
+            families[family_name] = CounterMetricFamily(family_name, help_text,
+                                                        labels=["name", *extra])
+    for (name, kind), value in sorted(counts.items()):
+        known = HTTP_LOGGER_KINDS.get(kind)
+        if known is not None:
+            families[known[0]].add_metric([name, *known[2].values()], value)
+    yield from families.values()
 
 
 def _bound_label(bound: float) -> str:
