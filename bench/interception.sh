@@ -275,7 +275,7 @@ gateway:
   drain_timeout: 1
 plugins:
   - name: tproxy
-    config: {listen: "0.0.0.0:$HTTP_PORT", tproxy: true, mode: http$(tproxy_extra)}
+    config: {listen: "0.0.0.0:$HTTP_PORT", tproxy: true, mode: $(mode_of $case), handle: http$(tproxy_extra)}
 EOF
     cat >"$OUT/conf/explicit_l4.yaml" <<EOF
 # explicit L4 proxy: the client targets the gateway ($GC4:$IPERF_PORT), one stream route

@@ -58,7 +58,7 @@ def statuses(limit, requests):
 def quota_headers(limit, ctx, upstream_headers=()):
     ctx.response_status = 200
     ctx.response_headers = list(upstream_headers)
-    limit.header_filter(ctx)
+    ctx.merge_added_headers()  # what the exchange does with every response head
     return {name: value for name, value in ctx.response_headers
             if name.startswith("X-RateLimit")}
 
@@ -229,9 +229,12 @@ def test_limit_count_sends_the_headers_with_a_rejection_too():
     assert quota_headers(limit, ctx)["X-RateLimit-Remaining"] == "0"
 
 
-def test_limit_count_without_quota_headers_adds_no_header_filter():
+def test_limit_count_without_quota_headers_adds_no_headers():
     limit = plugin(count=1, time_window=60, show_limit_quota_header=False)
     assert not hasattr(limit, "header_filter")  # responses keep their raw head
+    ctx = make_ctx()
+    limit.access(ctx)
+    assert quota_headers(limit, ctx) == {}
 
 
 # -- a counter store that does I/O (Redis) drops in ----------------------------------------

@@ -423,3 +423,30 @@ def test_consumer_is_reported_in_metrics(echo, start_gateway):
             consumer = re.search(r'consumer="([^"]*)"', line).group(1)
             counts[consumer] = counts.get(consumer, 0) + float(line.rsplit(" ", 1)[1])
     assert counts == {"jack": 3.0, "rose": 1.0}
+
+
+# -- headers a plugin sets before the response exists --------------------------------------
+
+
+def test_limit_count_quota_headers_replace_the_upstreams_on_the_raw_response_path(
+        echo, start_gateway):
+    # No plugin here filters headers, so the upstream's head is copied as bytes: the quota
+    # headers must still replace an upstream header of the same name, not duplicate it.
+    limit = {"count": 5, "time_window": 60, "key_type": "constant", "key": "all"}
+    gateway = start_gateway({"routes": [route(echo, {"limit-count": limit})]})
+    reply = call(gateway, "/x?header=X-RateLimit-Limit:999")
+    assert reply.status == 200
+    assert reply.headers.get_all("X-RateLimit-Limit") == ["5"]
+    assert reply.headers["X-RateLimit-Remaining"] == "4"
+    assert reply.headers["Content-Type"]  # the upstream's other headers are kept
+
+
+def test_limit_count_quota_headers_reach_a_response_that_other_plugins_filter(
+        echo, start_gateway):
+    limit = {"count": 5, "time_window": 60, "key_type": "constant", "key": "all"}
+    rewrite = {"headers": {"set": {"X-Rewritten": "yes"}}}
+    gateway = start_gateway({"routes": [route(echo, {"limit-count": limit,
+                                                     "response-rewrite": rewrite})]})
+    reply = call(gateway, "/x?header=X-RateLimit-Limit:999")
+    assert reply.headers.get_all("X-RateLimit-Limit") == ["5"]
+    assert reply.headers["X-Rewritten"] == "yes"

@@ -18,7 +18,8 @@ class RequestContext:
     """One HTTP exchange as plugins see it. Attributes are plain; helpers below are lazy."""
 
     __slots__ = (
-        "_args", "_cookies", "_headers", "bytes_received", "bytes_sent", "consumer",
+        "_args", "_cookies", "_headers", "added_headers", "bytes_received", "bytes_sent",
+        "consumer",
         "consumer_name", "headers_dirty", "host", "intercept_mode", "keep_alive", "method",
         "original_destination", "query", "raw_headers", "remote_addr", "remote_port",
         "request_id", "response_headers", "response_status", "route", "server_addr",
@@ -56,6 +57,10 @@ class RequestContext:
         self.upstream_latency = 0.0
         self.response_status = 0
         self.response_headers: list[tuple[str, str]] = []
+        # Response headers a plugin knows before the response exists (set, replacing any
+        # of the same name): applied without a header_filter, which would make every
+        # response decode and re-encode its header list (~4 µs/req, bench plugin cost).
+        self.added_headers: list[tuple[str, str]] | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
         self.request_id: str | None = None
@@ -131,6 +136,22 @@ class RequestContext:
             if key.lower() == lower:
                 return value
         return None
+    def add_response_headers(self, headers: tuple[tuple[str, str], ...]) -> None:
+        """Set these headers on whatever response this request gets (upstream's or a
+        plugin's), replacing headers of the same names."""
+        if self.added_headers is None:
+            self.added_headers = list(headers)
+        else:
+            self.added_headers += headers
+
+    def merge_added_headers(self) -> None:
+        """Fold `added_headers` into `response_headers` (for paths that build the list)."""
+        added = self.added_headers
+        if added:
+            names = {name.lower() for name, _ in added}
+            self.response_headers = [h for h in self.response_headers
+                                     if h[0].lower() not in names] + added
+
 
     def set_response_header(self, name: str, value: str | None) -> None:
         lower = name.lower()

@@ -432,12 +432,20 @@ class Exchange:
         if chain.needs_headers:
             headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.resp_headers]
             ctx.response_headers = headers
+            ctx.merge_added_headers()
             self.run_header_filters()
             if chain.body_filter and not no_body:
                 self.body_filtered = True
                 ctx.set_response_header("Content-Length", None)
                 self.resp_length = None
             head = [status_line(ctx.response_status), encode_headers(ctx.response_headers)]
+        elif ctx.added_headers:
+            added = ctx.added_headers
+            names = {name.lower().encode("latin-1") for name, _ in added}
+            head = [status_line(status)]
+            head += [b"%s: %s\r\n" % header for header in self.resp_headers
+                     if header[0].lower() not in names]
+            head.append(encode_headers(added))
         else:
             head = [status_line(status)]
             head += [b"%s: %s\r\n" % header for header in self.resp_headers]
@@ -650,6 +658,7 @@ class Exchange:
         ctx = self.ctx
         ctx.response_status = response.status
         ctx.response_headers = list(response.headers)
+        ctx.merge_added_headers()
         body = response.body
         if self.chain.needs_headers:
             self.run_header_filters()

@@ -24,7 +24,6 @@ from sluicegate.plugins.base import HookResult, Plugin, PluginEnv, Response, reg
 LIMIT_HEADER = "X-RateLimit-Limit"
 REMAINING_HEADER = "X-RateLimit-Remaining"
 RESET_HEADER = "X-RateLimit-Reset"
-_QUOTA_HEADERS = frozenset(h.lower() for h in (LIMIT_HEADER, REMAINING_HEADER, RESET_HEADER))
 
 
 class LimitCountConfig(LimitOptions):
@@ -76,12 +75,8 @@ class LimitCount(Plugin):
         self.sliding = conf.window_type == "sliding"
         self.rejection = rejection(conf)
         self.store_failure = StoreFailure(self.name, conf, env)
-        self.state_key = f"{self.name}#{id(self)}"
         self.show_headers = conf.show_limit_quota_header
         self.limit_header = str(conf.count)
-        # Only with the headers on: any header_filter makes responses build a header list.
-        if self.show_headers:
-            self.header_filter = self._header_filter
 
     @classmethod
     def check(cls, conf: LimitCountConfig) -> list[str]:
@@ -104,16 +99,8 @@ class LimitCount(Plugin):
     def _decide(self, result: CountResult, ctx: RequestContext) -> Response | None:
         allowed, remaining, reset = result
         if self.show_headers:
-            if ctx.vars is None:
-                ctx.vars = {}
-            ctx.vars[self.state_key] = (remaining, max(math.ceil(reset), 0))
+            # Known now, so no header_filter (which would cost every response a rebuild).
+            ctx.add_response_headers(((LIMIT_HEADER, self.limit_header),
+                                      (REMAINING_HEADER, str(remaining)),
+                                      (RESET_HEADER, str(max(math.ceil(reset), 0)))))
         return None if allowed else self.rejection
-
-    def _header_filter(self, ctx: RequestContext) -> None:
-        state = ctx.vars.get(self.state_key) if ctx.vars else None
-        if state is None:  # an earlier plugin answered before this one counted
-            return
-        headers = [(k, v) for k, v in ctx.response_headers if k.lower() not in _QUOTA_HEADERS]
-        headers += ((LIMIT_HEADER, self.limit_header), (REMAINING_HEADER, str(state[0])),
-                    (RESET_HEADER, str(state[1])))
-        ctx.response_headers = headers
