@@ -18,8 +18,8 @@ class RequestContext:
     """One HTTP exchange as plugins see it. Attributes are plain; helpers below are lazy."""
 
     __slots__ = (
-        "_args", "_cookies", "_headers", "added_headers", "bytes_received", "bytes_sent",
-        "consumer",
+        "_args", "_cookies", "_headers", "added_headers", "added_names", "added_raw",
+        "bytes_received", "bytes_sent", "consumer",
         "consumer_name", "headers_dirty", "host", "intercept_mode", "keep_alive", "method",
         "original_destination", "query", "raw_headers", "remote_addr", "remote_port",
         "request_id", "response_headers", "response_status", "route", "server_addr",
@@ -61,6 +61,8 @@ class RequestContext:
         # of the same name): applied without a header_filter, which would make every
         # response decode and re-encode its header list (~4 µs/req, bench plugin cost).
         self.added_headers: list[tuple[str, str]] | None = None
+        self.added_names: frozenset[bytes] | None = None  # lower-case, for the raw path
+        self.added_raw: bytes | None = None  # added_headers encoded, when a plugin gave it
         self.bytes_received = 0
         self.bytes_sent = 0
         self.request_id: str | None = None
@@ -136,13 +138,19 @@ class RequestContext:
             if key.lower() == lower:
                 return value
         return None
-    def add_response_headers(self, headers: tuple[tuple[str, str], ...]) -> None:
+
+    def add_response_headers(self, headers: tuple[tuple[str, str], ...],
+                             raw: bytes | None = None,
+                             names: frozenset[bytes] | None = None) -> None:
         """Set these headers on whatever response this request gets (upstream's or a
-        plugin's), replacing headers of the same names."""
+        plugin's), replacing headers of the same names. A plugin may pass them already
+        encoded (`raw`, with their lower-case `names`) for the raw response path."""
         if self.added_headers is None:
             self.added_headers = list(headers)
+            self.added_raw, self.added_names = raw, names
         else:
             self.added_headers += headers
+            self.added_raw = self.added_names = None  # re-derived when needed
 
     def merge_added_headers(self) -> None:
         """Fold `added_headers` into `response_headers` (for paths that build the list)."""
@@ -151,7 +159,6 @@ class RequestContext:
             names = {name.lower() for name, _ in added}
             self.response_headers = [h for h in self.response_headers
                                      if h[0].lower() not in names] + added
-
 
     def set_response_header(self, name: str, value: str | None) -> None:
         lower = name.lower()

@@ -440,12 +440,15 @@ class Exchange:
                 self.resp_length = None
             head = [status_line(ctx.response_status), encode_headers(ctx.response_headers)]
         elif ctx.added_headers:
-            added = ctx.added_headers
-            names = {name.lower().encode("latin-1") for name, _ in added}
+            raw, names = ctx.added_raw, ctx.added_names
+            if raw is None or names is None:
+                names = frozenset(name.lower().encode("latin-1")
+                                  for name, _ in ctx.added_headers)
+                raw = encode_headers(ctx.added_headers)
             head = [status_line(status)]
             head += [b"%s: %s\r\n" % header for header in self.resp_headers
                      if header[0].lower() not in names]
-            head.append(encode_headers(added))
+            head.append(raw)
         else:
             head = [status_line(status)]
             head += [b"%s: %s\r\n" % header for header in self.resp_headers]

@@ -24,6 +24,7 @@ from sluicegate.plugins.base import HookResult, Plugin, PluginEnv, Response, reg
 LIMIT_HEADER = "X-RateLimit-Limit"
 REMAINING_HEADER = "X-RateLimit-Remaining"
 RESET_HEADER = "X-RateLimit-Reset"
+_QUOTA_NAMES = frozenset(h.lower().encode() for h in (LIMIT_HEADER, REMAINING_HEADER, RESET_HEADER))
 
 
 class LimitCountConfig(LimitOptions):
@@ -77,6 +78,8 @@ class LimitCount(Plugin):
         self.store_failure = StoreFailure(self.name, conf, env)
         self.show_headers = conf.show_limit_quota_header
         self.limit_header = str(conf.count)
+        self.raw_head = (f"{LIMIT_HEADER}: {conf.count}\r\n{REMAINING_HEADER}: %s\r\n"
+                         f"{RESET_HEADER}: %s\r\n").encode("latin-1")
 
     @classmethod
     def check(cls, conf: LimitCountConfig) -> list[str]:
@@ -99,8 +102,11 @@ class LimitCount(Plugin):
     def _decide(self, result: CountResult, ctx: RequestContext) -> Response | None:
         allowed, remaining, reset = result
         if self.show_headers:
-            # Known now, so no header_filter (which would cost every response a rebuild).
-            ctx.add_response_headers(((LIMIT_HEADER, self.limit_header),
-                                      (REMAINING_HEADER, str(remaining)),
-                                      (RESET_HEADER, str(max(math.ceil(reset), 0)))))
+            # Known now, so no header_filter (which would cost every response a rebuild);
+            # also given encoded, for the raw response path.
+            remaining_text, reset_text = str(remaining), str(max(math.ceil(reset), 0))
+            ctx.add_response_headers(
+                ((LIMIT_HEADER, self.limit_header), (REMAINING_HEADER, remaining_text),
+                 (RESET_HEADER, reset_text)),
+                self.raw_head % (remaining_text.encode(), reset_text.encode()), _QUOTA_NAMES)
         return None if allowed else self.rejection
