@@ -78,43 +78,63 @@ def parse_wrk(text: str) -> dict[str, float]:
 
 
 def gateway_config(backend: str, **extra: Any) -> dict[str, Any]:
-    return {"admin": {"key": ADMIN_KEY},
+    return {"admin": {"key": ADMIN_KEY, "listen": f"127.0.0.1:{free_port()}"},
             "upstreams": [{"id": f"u{k}", "nodes": {backend: 1}} for k in range(5)],
-            "routes": [{"id": "main", "uri": "/bench", "upstream": {"nodes": {backend: 1}}}],
+            "routes": [{"id": "main", "uri": "/", "upstream": {"nodes": {backend: 1}}}],
             **extra}
 
 
 def start_gateway(workdir: Path, config: dict[str, Any], extra_args: list[str] | None = None
                   ) -> Gateway:
+    config = {**config, "admin": {"key": ADMIN_KEY, "listen": f"127.0.0.1:{free_port()}"}}
     gateway = Gateway(workdir, config, extra_args=extra_args)
+    gateway.admin_port = int(config["admin"]["listen"].rsplit(":", 1)[1])  # type: ignore[attr-defined]
     pin(gateway.process.pid, PROXY_CPU)
-    wait_for_port(gateway.admin_port, process=gateway.process)
+    wait_for_port(gateway.admin_port, process=gateway.process)  # type: ignore[attr-defined]
     return gateway
 
 
 async def churn(admin_port: int, backend: str, stop_at: float) -> tuple[int, int]:
-    """PUT a route or an upstream CHURN_PER_SECOND times a second until stop_at."""
+    """PUT a route or an upstream CHURN_PER_SECOND times a second until stop_at, without
+    waiting for one change to finish before the next starts (up to 32 in flight)."""
     base = f"http://127.0.0.1:{admin_port}/apisix/admin"
-    done = failed = 0
     host, port = backend.rsplit(":", 1)
-    async with aiohttp.ClientSession(headers={"X-API-KEY": ADMIN_KEY}) as session:
-        start = time.monotonic()
-        while time.monotonic() < stop_at:
-            k = done % 50
-            if done % 2:
-                url, body = f"{base}/upstreams/u{k % 5}", {
-                    "nodes": [{"host": host, "port": int(port), "weight": 1 + done % 7}]}
-            else:
-                url, body = f"{base}/routes/churn-{k}", {
-                    "uri": f"/churn/{k}/{done}", "upstream_id": f"u{k % 5}"}
+    counts = [0, 0]  # done, failed
+    in_flight = asyncio.Semaphore(32)
+
+    async def change(session: aiohttp.ClientSession, n: int) -> None:
+        k = n % 50
+        if n % 2:
+            url, body = f"{base}/upstreams/u{k % 5}", {
+                "nodes": [{"host": host, "port": int(port), "weight": 1 + n % 7}]}
+        else:
+            url, body = f"{base}/routes/churn-{k}", {
+                "uri": f"/churn/{k}/{n}", "upstream_id": f"u{k % 5}"}
+        try:
             async with session.put(url, json=body) as response:
                 await response.read()
-                failed += response.status >= 300
-            done += 1
-            delay = start + done / CHURN_PER_SECOND - time.monotonic()
+                counts[1] += response.status >= 300
+        except aiohttp.ClientError:
+            counts[1] += 1
+        finally:
+            counts[0] += 1
+            in_flight.release()
+
+    tasks = set()
+    async with aiohttp.ClientSession(headers={"X-API-KEY": ADMIN_KEY}) as session:
+        start = time.monotonic()
+        n = 0
+        while time.monotonic() < stop_at:
+            await in_flight.acquire()
+            task = asyncio.ensure_future(change(session, n))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            n += 1
+            delay = start + n / CHURN_PER_SECOND - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-    return done, failed
+        await asyncio.gather(*tasks)
+    return counts[0], counts[1]
 
 
 def measure_churn(workdir: Path, args: argparse.Namespace, out: Path) -> list[str]:
@@ -123,18 +143,18 @@ def measure_churn(workdir: Path, args: argparse.Namespace, out: Path) -> list[st
     gateway = start_gateway(workdir, gateway_config(nginx.address))
     rows: dict[str, list[dict[str, float]]] = {"no churn": [], "100 changes/s": []}
     try:
-        wrk(gateway.url + "/bench", 2, out / "warmup.txt")
+        wrk(gateway.url + "/", 2, out / "warmup.txt")
         for run in range(args.runs):
             for case in rows:
                 path = out / f"churn-{run}-{case.replace(' ', '_').replace('/', '')}.txt"
                 if case == "no churn":
-                    rows[case].append(wrk(gateway.url + "/bench", args.duration, path))
+                    rows[case].append(wrk(gateway.url + "/", args.duration, path))
                     continue
                 loop = asyncio.new_event_loop()
                 stop_at = time.monotonic() + args.duration + 1
                 task = loop.create_task(churn(gateway.admin_port, nginx.address, stop_at))
                 loop.run_until_complete(asyncio.sleep(0.5))
-                result = wrk(gateway.url + "/bench", args.duration, path)
+                result = wrk(gateway.url + "/", args.duration, path)
                 done, failed = loop.run_until_complete(task)
                 loop.close()
                 result["changes"], result["change_failures"] = done, failed
@@ -178,9 +198,10 @@ async def propagation(admin_a: int, url_b: str, backend: str, changes: int) -> l
     async with aiohttp.ClientSession(headers={"X-API-KEY": ADMIN_KEY}) as admin, \
             aiohttp.ClientSession() as client:
         for i in range(changes):
-            route = {"uri": f"/prop/{i}", "upstream_id": "u0"}
+            route = {"uri": f"/prop/{i}", "upstream_id": "u0",  # 50 ids: constant size
+                     "plugins": {"proxy-rewrite": {"uri": "/"}}}  # nginx answers 200 on /
             started = time.perf_counter()
-            async with admin.put(f"http://127.0.0.1:{admin_a}/apisix/admin/routes/p{i}",
+            async with admin.put(f"http://127.0.0.1:{admin_a}/apisix/admin/routes/p{i % 50}",
                                  json=route) as response:
                 await response.read()
                 assert response.status < 300, response.status
@@ -209,7 +230,12 @@ def measure_etcd(workdir: Path, args: argparse.Namespace) -> list[str]:
                                           store))
         a, b = gateways
         asyncio.run(put_upstream(a.admin_port, nginx.address))
-        times = asyncio.run(propagation(a.admin_port, b.url, nginx.address, args.changes))
+        try:
+            times = asyncio.run(propagation(a.admin_port, b.url, nginx.address, args.changes))
+        except (TimeoutError, AssertionError):
+            print("gateway A log:\n" + a.log()[-3000:] + "\ngateway B log:\n" + b.log()[-3000:],
+                  file=sys.stderr)
+            raise
     finally:
         for gateway in gateways:
             gateway.stop()
@@ -242,14 +268,14 @@ def measure_redis(workdir: Path, args: argparse.Namespace, out: Path) -> list[st
     try:
         for case, conf in cases.items():
             (workdir / f"gw-{case}").mkdir()
-            config = {"routes": [{"id": "main", "uri": "/bench",
+            config = {"routes": [{"id": "main", "uri": "/",
                                   "upstream": {"nodes": {nginx.address: 1}},
                                   "plugins": {"limit-count": conf}}]}
             gateway = start_gateway(workdir / f"gw-{case}", config)
             try:
-                wrk(gateway.url + "/bench", 2, out / f"redis-warmup-{case}.txt")
+                wrk(gateway.url + "/", 2, out / f"redis-warmup-{case}.txt")
                 for run in range(args.runs):
-                    results[case].append(wrk(gateway.url + "/bench", args.duration,
+                    results[case].append(wrk(gateway.url + "/", args.duration,
                                              out / f"redis-{run}-{case}.txt"))
             finally:
                 gateway.stop()
