@@ -36,6 +36,11 @@ class ValidatedConfig:
     warnings: list[str] = field(default_factory=list)
 
 
+# LibYAML's parser when PyYAML was built with it (the wheels are): ~8x faster than the
+# pure-Python one, which made YAML parsing 70 % of an Admin API write (profile, file store).
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Parse a YAML file into a mapping; errors name the file and the line."""
     try:
@@ -43,7 +48,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""

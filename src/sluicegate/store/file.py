@@ -224,7 +224,8 @@ class FileStore(ConfigStore):
     def _write(self, data: dict[str, Any]) -> StoreState:
         """Replace the file atomically: readers see the old file or the new one, whole."""
         target = self.path.resolve()  # a symlinked file: replace its target, keep the link
-        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        text = yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
+                         sort_keys=False, allow_unicode=True)  # LibYAML when available
         try:
             mode = os.stat(target).st_mode & 0o7777
         except OSError:
