@@ -102,3 +102,20 @@ def test_settings_never_show_the_password() -> None:
     settings = RedisSettings("127.0.0.1", 6379, password="hunter2")
     assert "hunter2" not in repr(settings)
     assert "hunter2" not in repr(RedisStore(settings))
+
+
+def test_calls_of_one_event_loop_turn_share_one_round_trip_and_stay_exact(
+        redis_server: RedisServerProcess) -> None:
+    async def calls(store: RedisStore) -> tuple[list[Any], int]:
+        answers = await asyncio.gather(*(store.incr("k", 30, 60.0) for _ in range(50)))
+        clients = redis_server.client().client_list()
+        return list(answers), len(clients)
+
+    before = redis_server.client().info("stats")["total_connections_received"]
+    answers, _ = run(redis_server, calls)
+    opened = redis_server.client().info("stats")["total_connections_received"] - before
+    assert sorted(remaining for allowed, remaining, _ in answers if allowed) == list(range(30))
+    assert sum(1 for allowed, _, _ in answers if not allowed) == 20
+    # 50 concurrent calls went out as one pipeline on one connection (+ the two clients
+    # this test opened to look).
+    assert opened <= 3
