@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
 import threading
 import time
 from typing import Any
@@ -165,7 +166,12 @@ def test_request_in_flight_during_reload_finishes_on_the_old_config(nginx, echo,
 
     thread = threading.Thread(target=slow_request)
     thread.start()
-    time.sleep(0.3)  # the request is at the upstream now
+    # Routed already once the gateway holds a connection to the echo upstream.
+    deadline = time.monotonic() + 10
+    while not subprocess.run(["ss", "-Htn", "state", "established", "dport", "=",
+                              f":{echo.port}"], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, "the slow request never reached the upstream"
+        time.sleep(0.02)
     reload_with(gateway, with_routes(gateway, nginx_route(nginx)), RELOADED)
     assert_route_not_found(gateway, "/echo/new")  # new requests see the new config
     thread.join(10)

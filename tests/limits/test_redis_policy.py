@@ -31,8 +31,10 @@ STORE_ERRORS = "sluicegate_limit_store_errors_total"
 
 
 def redis_policy(server: RedisServerProcess, **options: Any) -> dict[str, Any]:
+    # A generous timeout: on a loaded test machine a 1 s answer is possible, and a timed-out
+    # call would be counted as a store failure, not as the limit deciding.
     return {"policy": "redis", "redis_host": "127.0.0.1", "redis_port": server.port,
-            **options}
+            "redis_timeout": 5000, **options}
 
 
 def limited(echo: EchoUpstream, plugin: str, conf: dict[str, Any], uri: str = "/*",
