@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sluicegate.http.clock import CLOCK, TICK_SECONDS
 from sluicegate.http.upstream import UpstreamConnection
-from sluicegate.plugins.base import EMPTY_CHAIN, PluginChain, Response
+from sluicegate.plugins.base import EMPTY_CHAIN, LocalHandler, PluginChain, Response
 from sluicegate.proto.http1 import (
     LAST_CHUNK,
     NO_BODY_STATUS,
@@ -58,6 +58,7 @@ class Exchange:
         "connect_task",
         "ctx",
         "finished",
+        "handler",
         "head_sent",
         "host_bytes",
         "interim",
@@ -115,6 +116,7 @@ class Exchange:
         self.keep_alive = keep_alive
         self.started = False
         self.finished = False
+        self.handler: LocalHandler | None = None
         self.upstream: UpstreamConnection | None = None
         self.node: UpstreamNode | None = None
         self.tried: set[UpstreamNode] | None = None
@@ -190,6 +192,9 @@ class Exchange:
                 count = len(hooks)
                 index = 0
                 continue
+            if isinstance(result, LocalHandler):
+                self.serve_locally(result)
+                return
             self.pending = asyncio.ensure_future(result)
             self.pending.add_done_callback(functools.partial(self._hook_done, index=index))
             return
@@ -207,6 +212,8 @@ class Exchange:
             return
         if isinstance(result, Response):
             self.respond(result)
+        elif isinstance(result, LocalHandler):
+            self.serve_locally(result)
         else:
             self.run_request_hooks(index)
 
@@ -227,6 +234,9 @@ class Exchange:
                 self.body_parts.clear()
                 self.body_buffered = 0
                 upstream.transport.write(data)  # type: ignore[union-attr]
+        elif self.handler is not None:  # a plugin serving the request reads it whole
+            if self.body_buffered > self.handler.max_body and not self.finished:
+                self.respond_error(413, "request body too large")
         elif self.body_buffered > MAX_BUFFERED_REQUEST_BODY and not self.finished:
             self.client.pause_reading_for(self.client.PAUSE_BODY)
 
@@ -234,6 +244,9 @@ class Exchange:
         self.request_complete = True
         if self.finished:  # answered before the (empty) request body was parsed
             self.client.exchange_finished(self)
+            return
+        if self.handler is not None:
+            self.start_local_handler()
             return
         if self.request_chunked:
             self.body_parts.append(LAST_CHUNK)
@@ -638,6 +651,85 @@ class Exchange:
             self.upstream.transport.write(data)  # type: ignore[union-attr]
         else:
             self.body_parts.append(data)
+
+    # -- a plugin serving the request itself (plugins/base.py LocalHandler) -------------
+    def serve_locally(self, handler: LocalHandler) -> None:
+        self.handler = handler
+        # Body bytes may have arrived (and reading paused) while hooks ran.
+        self.client.resume_reading_for(self.client.PAUSE_BODY)
+        if self.body_buffered > handler.max_body:
+            self.respond_error(413, "request body too large")
+        elif self.request_complete:
+            self.start_local_handler()
+
+    def start_local_handler(self) -> None:
+        parts = self.body_parts
+        if self.request_chunked:  # request_body() framed each piece as a chunk: unframe
+            parts = [part[part.index(b"\r\n") + 2:-2] for part in parts]
+        body = b"".join(parts)
+        self.body_parts = []
+        self.body_buffered = 0
+        self.pending = asyncio.ensure_future(self.handler.serve(body, self))  # type: ignore
+        self.pending.add_done_callback(self._local_handler_done)
+
+    def _local_handler_done(self, task: asyncio.Future[Any]) -> None:
+        self.pending = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("plugin handler failed", exc_info=exc)
+        if self.finished:
+            return
+        if not self.head_sent:
+            self.respond_error(500, "plugin error")
+        elif exc is not None:
+            self.client.abort()
+            self.finish()
+        else:
+            self.end_body()
+
+    def send_head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """Start a streamed answer: chunked on HTTP/1.1, else delimited by closing."""
+        ctx = self.ctx
+        ctx.response_status = status
+        ctx.response_headers = list(headers)
+        ctx.merge_added_headers()
+        if self.chain.needs_headers:
+            self.run_header_filters()
+            self.body_filtered = bool(self.chain.body_filter)
+            ctx.set_response_header("Content-Length", None)
+        if ctx.version == "1.1":
+            self.mode = CHUNKED
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            self.mode = UNTIL_CLOSE
+            self.keep_alive = False
+            framing = b""
+        self.client.out.append(b"".join((
+            status_line(ctx.response_status), encode_headers(ctx.response_headers), framing,
+            self.client.connection_header(self), b"\r\n")))
+        self.head_sent = True
+        self.client.flush()
+
+    def send_body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.response_body(data)
+        self.client.flush()
+
+    def end_body(self) -> None:
+        if self.finished:
+            return
+        if self.body_filtered:
+            tail = self.filter_body(b"", True)
+            if tail:
+                self.ctx.bytes_sent += len(tail)
+                self.client.out.append(chunk(tail) if self.mode == CHUNKED else tail)
+        if self.mode == CHUNKED:
+            self.client.out.append(LAST_CHUNK)
+        self.client.flush()
+        self.finish()
 
     # -- answers made by the gateway ---------------------------------------------------
     def respond_error(self, status: int, reason: str, message: str | None = None) -> None:

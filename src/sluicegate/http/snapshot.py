@@ -258,8 +258,13 @@ def _route_upstream(route: RouteConfig, service: Any, upstreams: dict[str, Upstr
         return Upstream(route.upstream, route.upstream.id or f"route-{route_id}")
     if route.upstream_id:
         return upstreams[route.upstream_id]
-    if service.upstream is not None:
+    if service is not None and service.upstream is not None:
         return Upstream(service.upstream, service.upstream.id or f"service-{service.id}")
+    if service is None or not service.upstream_id:
+        # A route whose plugin answers itself (ai-proxy): a node that is never reached (a
+        # refused connect, 502, should the plugin be disabled).
+        return Upstream(UpstreamConfig(nodes=[{"host": "127.0.0.1", "port": 1}]),
+                        f"route-{route_id}")
     return upstreams[service.upstream_id]
 
 

@@ -78,7 +78,14 @@ def access_entry(ctx: RequestContext, clock: UtcClock) -> dict[str, Any]:
         entry["original_destination"] = f"[{host}]:{port}" if ":" in host else \
             f"{host}:{port}"
         entry["intercept_mode"] = ctx.intercept_mode
+    ai = ctx.vars.get(AI_RECORD_VAR) if ctx.vars else None
+    if ai is not None:  # ai-proxy: provider, model, token figures (never the API key)
+        entry["ai"] = ai.log_fields()
     return entry
+
+
+# ctx.vars key of the AI request record (plugins/ai_proxy.py, ai/accounting.py).
+AI_RECORD_VAR = "ai"
 
 
 class AccessLogWriter:

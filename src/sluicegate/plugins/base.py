@@ -68,6 +68,21 @@ def json_response(status: int, message: str, **extra: Any) -> Response:
                     [("Content-Type", "application/json")])
 
 
+class LocalHandler:
+    """A request-phase hook's answer when its plugin serves the request itself from the
+    whole request body, in place of an upstream (ai-proxy). The exchange reads the body (413
+    past `max_body` bytes), then runs `serve(body, writer)` as a task. The writer (the
+    exchange) answers with `respond(Response)`, or streams: `send_head(status, headers)`,
+    `send_body(data)` (written to the client at once), `end_body()`. The client going away
+    cancels the task."""
+
+    __slots__ = ("max_body", "serve")
+
+    def __init__(self, serve: Callable[[bytes, Any], Awaitable[None]], max_body: int) -> None:
+        self.serve = serve
+        self.max_body = max_body
+
+
 HookResult = Response | None | Awaitable[Response | None]
 
 
@@ -100,6 +115,8 @@ class Plugin:
     consumer_unique_field: ClassVar[str | None] = None
     # An entry point (how traffic enters, e.g. tproxy), not a phase plugin: never in a chain.
     entry_point: ClassVar[bool] = False
+    # Answers requests itself (returns a LocalHandler): a route with it needs no upstream.
+    serves_requests: ClassVar[bool] = False
     # Short form: may `service` name a service that is not defined? (validate then warns)
     service_optional: ClassVar[bool] = False
     # False while a plugin's machinery is not built: config validates, `run` refuses.

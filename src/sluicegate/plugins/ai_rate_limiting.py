@@ -1,0 +1,297 @@
+"""ai-rate-limiting: at most `limit` LLM tokens per `time_window` seconds for each key.
+
+A request's tokens are known only once its answer is complete (the provider's usage
+figures, at the end of a stream too), so a request is admitted while its key's window has
+budget left, and its tokens are charged after the response (the `log` phase, from the usage
+ai-proxy recorded). The request that spends the budget completes; the next ones are
+rejected until the window ends, with `Retry-After` saying when. This is how APISIX's
+ai-rate-limiting works too (it charges limit-count in its log phase).
+
+The counters are the rate-limit plugins' stores (limits/): a fixed window per key, exact
+across the workers of a host (`policy: local`) or across gateways (`policy: redis`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Awaitable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sluicegate.http.context import RequestContext
+from sluicegate.limits.counters import CounterStore, CountResult
+from sluicegate.limits.keys import compile_key, key_problems, limit_scope
+from sluicegate.limits.options import (
+    LimitOptions,
+    PositiveInt,
+    StoreFailure,
+    StoreUnavailable,
+    store_for,
+)
+from sluicegate.observe.access_log import AI_RECORD_VAR
+from sluicegate.plugins.base import HookResult, Plugin, PluginEnv, Response, register
+
+log = logging.getLogger("sluicegate.ai")
+
+LIMIT_HEADER = "X-AI-RateLimit-Limit-"
+REMAINING_HEADER = "X-AI-RateLimit-Remaining-"
+RESET_HEADER = "X-AI-RateLimit-Reset-"
+# The header suffix (APISIX: the instance name) when no instance is named.
+DEFAULT_INSTANCE = "ai-proxy"
+# A charge the counter refuses (it would pass the limit) is retried as "fill the window up
+# to its limit"; concurrent charges may change the room left between the read and the
+# charge, so a few rounds, after which the window is full or others filled it.
+MAX_FILL_ROUNDS = 4
+
+
+class InstanceLimit(BaseModel):
+    """The budget for requests to one provider."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    name: str = Field(min_length=1)
+    """The provider, as the route's `ai-proxy` names it (`openai`, `gemini`, `wenxin`...)."""
+    limit: PositiveInt
+    """Tokens allowed per key in one `time_window` for this provider."""
+    time_window: PositiveInt
+    """Length of this budget's window in seconds."""
+
+
+class AiRateLimitingConfig(LimitOptions):
+    """ai-rate-limiting options (APISIX's names). Which requests share a budget is set by
+    `key_type` / `key` as in limit-count: by default the whole route (`key_type:
+    constant`); per consumer with `key_type: var` and `key: consumer_name`."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    limit: PositiveInt | None = None
+    """Tokens allowed per key in one `time_window` (requests to a provider without an entry
+    in `instances`). Give `limit` and `time_window`, or `instances`, or both."""
+    time_window: PositiveInt | None = None
+    """Length of the window in seconds. A window starts with the first request after the
+    previous one ended."""
+    limit_strategy: Literal["total_tokens", "prompt_tokens", "completion_tokens"] = \
+        "total_tokens"
+    """Which tokens count, from the provider's usage: `total_tokens` (prompt +
+    completion), `prompt_tokens` or `completion_tokens`."""
+    instances: list[InstanceLimit] = Field(default_factory=list)
+    """Budgets per provider, each with its own counters, used instead of `limit` for
+    requests to that provider."""
+    show_limit_quota_header: bool = True
+    """Send `X-AI-RateLimit-Limit-<name>`, `X-AI-RateLimit-Remaining-<name>` and
+    `X-AI-RateLimit-Reset-<name>` (seconds until the window ends) with each response;
+    `<name>` is the instance name, `ai-proxy` for the route-wide `limit`. Remaining is the
+    budget left when the request was admitted (its own tokens are charged after it)."""
+    key_type: Literal["var", "var_combination", "constant"] = "constant"
+    """How `key` is read: `constant` (one budget for all requests), `var` (one variable,
+    e.g. `consumer_name`), `var_combination` (`$consumer_name $http_x_team`)."""
+    key: str = "route"
+    """What budgets are kept by (see `key_type`). A variable that is unset or empty counts
+    by `remote_addr`, as in APISIX."""
+    rejected_code: int = Field(429, json_schema_extra={"minimum": 200, "maximum": 599})
+    """Status of a request whose budget is spent; sent with `Retry-After` (seconds until
+    the window ends)."""
+    rejected_msg: str | None = None
+    """`error.message` of the rejection (an OpenAI error object, so SDKs show it)."""
+
+    @model_validator(mode="after")
+    def _a_budget(self) -> AiRateLimitingConfig:
+        if self.limit is None and self.time_window is not None:
+            raise ValueError("limit: required with time_window")
+        if self.limit is not None and self.time_window is None:
+            raise ValueError("time_window: required with limit")
+        if self.limit is None and not self.instances:
+            raise ValueError("limit: required (with time_window) unless instances are given")
+        seen: set[str] = set()
+        for index, instance in enumerate(self.instances):
+            if instance.name in seen:
+                raise ValueError(f"instances[{index}].name: {instance.name!r} is listed twice")
+            seen.add(instance.name)
+        return self
+
+
+class _Budget:
+    """One configured budget: how its counter keys are made, and its numbers."""
+
+    __slots__ = ("key_of", "limit", "limit_text", "name", "window")
+
+    def __init__(self, conf: AiRateLimitingConfig, name: str, limit: int, window: int,
+                 scope: str) -> None:
+        self.key_of = compile_key(conf.key_type, conf.key, scope)
+        self.name = name
+        self.limit = limit
+        self.limit_text = str(limit)
+        self.window = float(window)
+
+
+def _rejection_body(conf: AiRateLimitingConfig) -> bytes:
+    message = conf.rejected_msg or "token rate limit exceeded: this key's budget for the " \
+        "current time window is spent"
+    return json.dumps({"error": {"message": message, "type": "rate_limit_error",
+                                 "param": None, "code": "rate_limit_exceeded"}}).encode()
+
+
+@register
+class AiRateLimiting(Plugin):
+    """Rejects a key's LLM requests once the tokens its answers used in the current window
+    reached `limit` (with `rejected_code`, default 429, and `Retry-After`). Tokens are
+    charged when an answer is complete, from the usage ai-proxy recorded; answers without
+    usage (provider errors) cost nothing. With the local policy a budget is exact across
+    the gateway's workers; with the redis policy, across every gateway using the server."""
+
+    name = "ai-rate-limiting"
+    # Checks in `access`, before ai-proxy serves (before_proxy); APISIX's priority.
+    priority = 1030
+    schema = AiRateLimitingConfig
+
+    def __init__(self, conf: AiRateLimitingConfig, env: PluginEnv) -> None:
+        super().__init__(conf, env)
+        self.store: CounterStore = store_for(conf)
+        scope = limit_scope(self.name, conf, env)
+        self.default: _Budget | None = None
+        if conf.limit is not None and conf.time_window is not None:
+            self.default = _Budget(conf, DEFAULT_INSTANCE, conf.limit, conf.time_window,
+                                   scope)
+        self.instances = {
+            instance.name: _Budget(conf, instance.name, instance.limit, instance.time_window,
+                                   f"{scope}{instance.name}|")
+            for instance in conf.instances}
+        self.tokens_field = conf.limit_strategy
+        self.rejected_status = conf.rejected_code
+        self.rejected_body = _rejection_body(conf)
+        self.store_failure = StoreFailure(self.name, conf, env)
+        self.state_key = f"{self.name}#{id(self)}"
+        # Charges against a store doing I/O (redis) run as tasks after the response.
+        self.charges: set[asyncio.Task[None]] = set()
+        if conf.show_limit_quota_header:
+            self.header_filter = self._header_filter
+
+    @classmethod
+    def check(cls, conf: AiRateLimitingConfig) -> list[str]:
+        if conf.key_type != "constant" and conf.key == "route":
+            # The constant's default left in place: as a variable it would count by client
+            # address, which nobody asking for `var` means.
+            return [f"key: required with key_type {conf.key_type} (e.g. consumer_name)"]
+        return key_problems(conf.key_type, conf.key)
+
+    def _budget(self, ctx: RequestContext) -> _Budget | None:
+        if self.instances:
+            budget = self.instances.get(_provider_of(ctx) or "")
+            if budget is not None:
+                return budget
+        return self.default
+
+    # -- before the request: is there budget left? -------------------------------------
+    def access(self, ctx: RequestContext) -> HookResult:
+        budget = self._budget(ctx)
+        if budget is None:  # a provider without a budget of its own, and no route-wide one
+            return None
+        key = budget.key_of(ctx)
+        # Cost 0: a read that also starts the window. Charges fill a window up to exactly
+        # its limit, so "remaining 0" is "spent".
+        result = self.store.incr(key, budget.limit, budget.window, False, 0)
+        if type(result) is not tuple:
+            return self._decide_later(result, ctx, budget, key)
+        return self._decide(result, ctx, budget, key)
+
+    async def _decide_later(self, pending: Awaitable[CountResult], ctx: RequestContext,
+                            budget: _Budget, key: str) -> Response | None:
+        try:
+            result = await pending
+        except StoreUnavailable:
+            return self.store_failure()
+        return self._decide(result, ctx, budget, key)
+
+    def _decide(self, result: CountResult, ctx: RequestContext, budget: _Budget, key: str
+                ) -> Response | None:
+        allowed, remaining, reset = result
+        reset_seconds = max(math.ceil(reset), 0)
+        if ctx.vars is None:
+            ctx.vars = {}
+        if allowed and remaining > 0:
+            ctx.vars[self.state_key] = (budget, key, remaining, reset_seconds)
+            return None
+        # Rejected: nothing to charge later, but the quota headers still go out.
+        ctx.vars[self.state_key] = (budget, None, 0, reset_seconds)
+        return Response(self.rejected_status, self.rejected_body,
+                        [("Content-Type", "application/json"),
+                         ("Retry-After", str(max(reset_seconds, 1)))])
+
+    def _header_filter(self, ctx: RequestContext) -> None:
+        state = ctx.vars.get(self.state_key) if ctx.vars else None
+        if state is None:  # an earlier plugin answered before this one looked
+            return
+        budget, _, remaining, reset = state
+        names = (LIMIT_HEADER + budget.name, REMAINING_HEADER + budget.name,
+                 RESET_HEADER + budget.name)
+        lower = {name.lower() for name in names}
+        headers = [(k, v) for k, v in ctx.response_headers if k.lower() not in lower]
+        headers += ((names[0], budget.limit_text), (names[1], str(remaining)),
+                    (names[2], str(reset)))
+        ctx.response_headers = headers
+
+    # -- after the response: charge its tokens ----------------------------------------------
+    def log(self, ctx: RequestContext) -> None:
+        state = ctx.vars.get(self.state_key) if ctx.vars else None
+        if state is None or state[1] is None:
+            return
+        record = ctx.vars.get(AI_RECORD_VAR) if ctx.vars else None
+        usage = getattr(record, "usage", None)
+        if usage is None:
+            return
+        tokens = int(getattr(usage, self.tokens_field) or 0)
+        if tokens <= 0:
+            return
+        budget, key = state[0], state[1]
+        result = self.store.incr(key, budget.limit, budget.window, False, tokens)
+        if type(result) is tuple:
+            if not result[0]:
+                self._fill(key, budget)
+            return
+        task = asyncio.ensure_future(self._charge_later(result, key, budget))
+        self.charges.add(task)
+        task.add_done_callback(self.charges.discard)
+
+    def _fill(self, key: str, budget: _Budget) -> None:
+        """The answer cost more than the window had left: the window is spent. The counter
+        refuses a charge past its limit, so charge what is left instead."""
+        store = self.store
+        for _ in range(MAX_FILL_ROUNDS):
+            room: Any = store.incr(key, budget.limit, budget.window, False, 0)
+            if room[1] <= 0 or store.incr(key, budget.limit, budget.window, False,
+                                          room[1])[0]:  # type: ignore[index]
+                return
+
+    async def _charge_later(self, pending: Awaitable[CountResult], key: str,
+                            budget: _Budget) -> None:
+        store: Any = self.store
+        try:
+            result = await pending
+            for _ in range(MAX_FILL_ROUNDS):
+                if result[0]:
+                    return
+                room = await store.incr(key, budget.limit, budget.window, False, 0)
+                if room[1] <= 0:
+                    return
+                result = await store.incr(key, budget.limit, budget.window, False, room[1])
+        except StoreUnavailable:
+            # These tokens are not charged; counted like the other limits' store failures.
+            self.store_failure()
+        except Exception:
+            log.exception("ai-rate-limiting: charging tokens failed")
+
+
+def _provider_of(ctx: RequestContext) -> str | None:
+    """The provider the route's ai-proxy calls (it serves after this plugin's check, so
+    its record does not exist yet: read its config from the route's chain)."""
+    route = ctx.route
+    if route is None:
+        return None
+    for plugin in route.chain.plugins:
+        if plugin.name == "ai-proxy":
+            return getattr(plugin, "provider", None)
+    return None
