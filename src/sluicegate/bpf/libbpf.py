@@ -27,16 +27,23 @@ LIBRARY = "libbpf.so.1"
 # that sluicegate uses or names in status.
 BPF_SK_LOOKUP = 36
 BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+BPF_XDP = 37
+# XDP attach modes (uapi/linux/if_link.h): generic (skb) or the driver's native hook.
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
 BPF_ANY = 0
 LINK_TYPES = {1: "raw_tracepoint", 2: "tracing", 3: "cgroup", 4: "iter", 5: "netns",
               6: "xdp", 7: "perf_event", 8: "kprobe_multi", 9: "struct_ops",
               10: "netfilter", 11: "tcx", 12: "uprobe_multi", 13: "netkit"}
 LINK_TYPE_NETNS = 5
 LINK_TYPE_TCX = 11
+LINK_TYPE_XDP = 6
 PROG_TYPES = {3: "sched_cls", 6: "xdp", 14: "sk_skb", 16: "sk_msg", 30: "sk_lookup",
               26: "tracing"}
-MAP_TYPES = {1: "hash", 2: "array", 6: "percpu_array", 11: "lpm_trie", 15: "sockmap",
-             18: "sockhash", 27: "ringbuf"}
+MAP_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash",
+             10: "lru_percpu_hash", 11: "lpm_trie", 15: "sockmap", 18: "sockhash",
+             27: "ringbuf"}
 BPF_OBJ_NAME_LEN = 16
 # How many libbpf log lines to keep for error messages (the verifier log is long).
 LOG_LINES = 400
@@ -104,6 +111,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bpf_object__find_map_by_name": (p, [p, c]),
         "bpf_program__fd": (i, [p]),
         "bpf_program__attach_netns": (p, [p, i]),
+        "bpf_program__attach_trace": (p, [p]),
         "bpf_map__fd": (i, [p]),
         "bpf_link__fd": (i, [p]),
         "bpf_link__destroy": (i, [p]),
@@ -182,6 +190,33 @@ class Program:
         fd = library().bpf_link_create(self.fd, ifindex, BPF_TCX_INGRESS, None)
         _check(fd, f"attaching {self.name} to tcx ingress of {ifname or ifindex}")
         return Link(self.name, fd, None)
+
+    def attach_tcx_egress(self, ifindex: int, ifname: str = "") -> Link:
+        """Attach (sched_cls) to the tcx egress hook of interface `ifindex` (kernel 6.6+)."""
+        fd = library().bpf_link_create(self.fd, ifindex, BPF_TCX_EGRESS, None)
+        _check(fd, f"attaching {self.name} to tcx egress of {ifname or ifindex}")
+        return Link(self.name, fd, None)
+
+    def attach_xdp(self, ifindex: int, flags: int, ifname: str = "") -> Link:
+        """Attach (xdp) to interface `ifindex` with a BPF link; `flags`: XDP_FLAGS_SKB_MODE
+        (generic), XDP_FLAGS_DRV_MODE (native) or 0 (native where the driver has it)."""
+        opts = _LinkCreateOpts(ctypes.sizeof(_LinkCreateOpts), flags)
+        fd = library().bpf_link_create(self.fd, ifindex, BPF_XDP, ctypes.byref(opts))
+        _check(fd, f"attaching {self.name} to XDP of {ifname or ifindex}")
+        return Link(self.name, fd, None)
+
+    def attach_trace(self) -> Link:
+        """Attach a tracing program (tp_btf/, raw_tp/) to the hook its section names."""
+        lib = library()
+        link = _pointer(lib.bpf_program__attach_trace(self.pointer),
+                        f"attaching {self.name} to its tracepoint")
+        return Link(self.name, lib.bpf_link__fd(link), link)
+
+
+class _LinkCreateOpts(ctypes.Structure):
+    # The head of libbpf's struct bpf_link_create_opts: sz, then flags (for XDP links, the
+    # XDP_FLAGS_* mode). libbpf reads only the fields `sz` covers.
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32)]
 
 
 class Map:
@@ -360,7 +395,7 @@ def describe(fd: int) -> dict[str, Any]:
             "prog_id": link.prog_id, "program": program_name(link.prog_id)}
         if link.type == LINK_TYPE_NETNS:
             described["netns_ino"] = link.first
-        elif link.type == LINK_TYPE_TCX:
+        elif link.type in (LINK_TYPE_TCX, LINK_TYPE_XDP):
             described["ifindex"] = link.first
         return described
     if kind == "program":

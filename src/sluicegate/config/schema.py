@@ -50,4 +50,15 @@ def config_json_schema() -> dict[str, Any]:
                 field["anyOf"].append({"type": "integer", "minimum": 0})
     entry = definitions["PluginEntry"]
     entry["properties"]["name"]["enum"] = sorted(registry)
+    # The `kernel:` block is a mapping in GatewayConfig, validated by config/kernel.py's
+    # model: give editors that model.
+    from sluicegate.config.kernel import KernelSettings
+
+    kernel = KernelSettings.model_json_schema(ref_template="#/$defs/kernel-{model}")
+    for key, value in kernel.pop("$defs", {}).items():
+        definitions[f"kernel-{key}"] = value
+    kernel["properties"]["flow_metrics"]["anyOf"].append({"type": "boolean"})
+    schema["properties"]["kernel"] = {"anyOf": [kernel, {"type": "null"}],
+                                      "description": schema["properties"]["kernel"].get(
+                                          "description", "")}
     return schema
