@@ -23,7 +23,15 @@ from sluicegate.admin.auth import (
 from sluicegate.admin.openapi import openapi_document
 from sluicegate.admin.resources import AdminError, Resources
 from sluicegate.config.load import ConfigError
-from sluicegate.config.model import AdminSettings, parse_listen
+from sluicegate.config.model import AdminSettings, DashboardSettings, parse_listen
+from sluicegate.dashboard.server import (
+    PAGE_PREFIX,
+    Dashboard,
+    DashboardServer,
+    SnapshotSource,
+    add_dashboard_routes,
+    serves_page,
+)
 from sluicegate.store.base import ConfigStore, StoreError, id_field
 
 log = logging.getLogger("sluicegate.admin")
@@ -59,17 +67,26 @@ class AdminServer:
     """`start()` listens (and logs a generated key, once), `stop()` closes. The key is
     resolved at construction."""
 
-    def __init__(self, settings: AdminSettings, store: ConfigStore) -> None:
+    def __init__(self, settings: AdminSettings, store: ConfigStore,
+                 dashboard: DashboardSettings | None = None,
+                 metrics: SnapshotSource | None = None) -> None:
         self.settings = settings
         self.store = store
         self.key: AdminKey = resolve_admin_key(settings)
         self.addresses = AddressFilter(settings.allow_admin)
         self.resources = Resources(store)
         self.runner: web.AppRunner | None = None
+        # The dashboard (dashboard/server.py) needs the metrics of the gateway's workers.
+        self.dashboard_settings = dashboard
+        self.dashboard = Dashboard(store, metrics) if metrics is not None and \
+            dashboard is not None and dashboard.enabled else None
+        self.dashboard_server: DashboardServer | None = None
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY,
                               middlewares=[self._errors_as_json, self._guard])
+        if self.dashboard is not None:  # before /{kind}/{id}, which would match it
+            add_dashboard_routes(app, self.dashboard, PAGE_PREFIX)
         for path, handler in ((f"{PREFIX}/openapi.json", self._openapi),
                               (f"{PREFIX}/config", self._config)):
             app.router.add_get(path, handler, allow_head=False)
@@ -114,8 +131,16 @@ class AdminServer:
                         "generated key for this run: %s", where, self.key.value)
         else:
             log.info("Admin API on %s (key from %s)", where, self.key.source)
+        if self.dashboard is not None and self.dashboard_settings is not None:
+            self.dashboard_server = DashboardServer(self.dashboard_settings, self.dashboard,
+                                                    self.key, self.addresses)
+            if not await self.dashboard_server.start():
+                self.dashboard_server = None
 
     async def stop(self) -> None:
+        if self.dashboard_server is not None:
+            await self.dashboard_server.stop()
+            self.dashboard_server = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -158,7 +183,8 @@ class AdminServer:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         if not self.addresses.allows(peer[0] if peer else None):
             return _error(403, "access from this address is not allowed (admin.allow_admin)")
-        if not key_matches(request.headers.get(KEY_HEADER), self.key.value):
+        if not key_matches(request.headers.get(KEY_HEADER), self.key.value) and \
+                not serves_page(request):  # the dashboard's files: the page asks the key
             return _error(401, f"missing or wrong {KEY_HEADER}")
         return await handler(request)
 
@@ -217,7 +243,9 @@ class AdminServer:
 
 
 async def start_admin_server(settings: AdminSettings, store: ConfigStore | None,
-                             config_path: str | Path | None) -> AdminServer | None:
+                             config_path: str | Path | None,
+                             dashboard: DashboardSettings | None = None,
+                             metrics: SnapshotSource | None = None) -> AdminServer | None:
     """The Admin API for a gateway process, or None when `admin.enabled` is false. Without
     a store given, the config file is the store."""
     if not settings.enabled:
@@ -228,6 +256,6 @@ async def start_admin_server(settings: AdminSettings, store: ConfigStore | None,
         from sluicegate.store.file import FileStore
 
         store = FileStore(config_path)
-    server = AdminServer(settings, store)
+    server = AdminServer(settings, store, dashboard, metrics)
     await server.start()
     return server
