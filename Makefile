@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the tests need: nginx (test backend), promtool (metrics lint), curl,
 # nftables + iproute2 (TPROXY interception in test namespaces), iperf3 (stream tests),
-# redis-server (cluster-wide rate limits), etcd-server (cluster config store).
-TEST_PACKAGES := nginx-light prometheus curl nftables iproute2 iperf3 redis-server etcd-server libbpf1
+# redis-server (cluster-wide rate limits), etcd-server (cluster config store), chromium
+# (the dashboard's page, driven headless by Playwright).
+TEST_PACKAGES := nginx-light prometheus curl nftables iproute2 iperf3 redis-server etcd-server libbpf1 chromium
 BENCH_PACKAGES := nginx-light haproxy wrk curl
 
 .PHONY: run test venv deps lint bench clean bpf bpf-tools bpf-objects
@@ -60,6 +61,10 @@ bpf: bpf-tools
 	@$(MAKE) --no-print-directory bpf-objects
 
 bpf-objects: $(BPF_OBJECTS)
+
+# The XDP filter's rate-limit buckets are shared by every CPU: compare-and-swap needs the
+# BPF v3 instruction set (kernel 5.12+).
+$(BPF_DIR)/obj/xdp_filter.bpf.o: BPF_CFLAGS += -mcpu=v3
 
 bpf-tools:
 	@missing=""; for p in $(BPF_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -166,6 +166,10 @@ class Gateway:
         admin = dict(config.get("admin") or {})
         admin.setdefault("listen", "127.0.0.1:0")
         config["admin"] = admin
+        # The dashboard too (its default, 127.0.0.1:9000, would be shared by every gateway).
+        dashboard = dict(config.get("dashboard") or {})
+        dashboard.setdefault("listen", "127.0.0.1:0")
+        config["dashboard"] = dashboard
         self.config_path = workdir / f"gateway-{self.port}.yaml"
         self.write_config(config)
         self.log_path = workdir / f"gateway-{self.port}.log"

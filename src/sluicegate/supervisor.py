@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sluicegate.bpf.kernel import KernelTraffic, KernelTrafficError
 from sluicegate.config.load import ValidatedConfig
 from sluicegate.config.model import parse_listen
 from sluicegate.http.health import has_checks, healthcheck_response, merge_reports
@@ -82,6 +83,7 @@ class Supervisor:
         self.owns_limits_dir = False
         # Per worker: listener fds it inherits and the env naming them (eBPF mode).
         self.shared: list[tuple[list[int], dict[str, str]]] = []
+        self.kernel: KernelTraffic | None = None  # the `kernel:` block (owned here)
 
     async def start_worker(self, index: int) -> None:
         parent, child = socket.socketpair()
@@ -111,6 +113,8 @@ class Supervisor:
         merged = merge_snapshots(snaps)
         merged["gauges"]["workers"] = len(snaps)
         merged["gauges"]["worker_restarts"] = self.restarts
+        if self.kernel is not None:
+            merged["kernel"] = self.kernel.metrics()  # read from the maps now
         return merged
 
     async def gather_healthcheck(self, path: str) -> tuple[int, Any]:
@@ -142,6 +146,7 @@ class Supervisor:
         # The supervisor outlives its workers: it owns the interception rules (and in
         # eBPF mode the transparent listeners, which the workers inherit).
         owner = InterceptionOwner(intercept_entries(self.validated.config))
+        kernel = self.kernel = KernelTraffic(self.validated.config.kernel)
         self.shared = owner.share_listeners(self.count)
         for index in range(self.count):
             await self.start_worker(index)
@@ -151,13 +156,20 @@ class Supervisor:
         try:
             if not stop.is_set():
                 owner.install()
+                kernel.install()  # after interception, which clears the shared bpffs folder
             return await self._serve(stop)
         except InterceptError as exc:
             log.error("cannot intercept: %s", exc)
             self._forward(signal.SIGTERM)
             await asyncio.gather(*(self._wait(w, STOP_GRACE) for w in self.workers.values()))
             return 4
+        except KernelTrafficError as exc:
+            log.error("cannot start: %s", exc)
+            self._forward(signal.SIGTERM)
+            await asyncio.gather(*(self._wait(w, STOP_GRACE) for w in self.workers.values()))
+            return exc.exit_code
         finally:
+            kernel.remove()
             owner.remove()
 
     async def _serve(self, stop: asyncio.Event) -> int:
@@ -175,7 +187,9 @@ class Supervisor:
 
             try:
                 admin = await start_admin_server(self.validated.config.admin,
-                                                 self.store, self.config_path)
+                                                 self.store, self.config_path,
+                                                 self.validated.config.dashboard,
+                                                 self.gather_metrics)
             except OSError as exc:
                 log.error("cannot start: %s", exc.strerror or exc)
                 stop.set()

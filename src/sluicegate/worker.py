@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sluicegate.bpf.kernel import KernelTraffic, KernelTrafficError
 from sluicegate.config.load import (
     ConfigError,
     ValidatedConfig,
@@ -91,6 +92,7 @@ class Worker:
         self.health = HealthCheckers()  # upstream health state and probe tasks
         self.stream: StreamPlane | None = None
         self.intercept_mode = "tproxy"  # of the transparent entry, for stream metrics
+        self.kernel: KernelTraffic | None = None  # the `kernel:` block, when we own it
 
     def compile(self, validated: ValidatedConfig) -> Snapshot:
         return compile_snapshot(validated.config, PluginEnv(metrics=self.metrics), self.version)
@@ -122,9 +124,15 @@ class Worker:
         CLOCK.extra.append(self.stream.tick)
         # Rules after listeners: nothing is captured before a socket can take it.
         owner = InterceptionOwner(entries) if self.owns_interception else None
+        # The `kernel:` block has the same owner. After interception: installing that
+        # clears the bpffs folder both share.
+        if self.owns_interception:
+            self.kernel = KernelTraffic(snapshot.config.kernel)
         try:
             if owner is not None:
                 owner.install()
+            if self.kernel is not None:
+                self.kernel.install()
             if self.store is not None:
                 self.follower = loop.create_task(self._follow(self.store))
             return await self._serve(snapshot)
@@ -132,12 +140,18 @@ class Worker:
             log.error("cannot intercept: %s", exc)
             await server.drain(0)
             return 4
+        except KernelTrafficError as exc:
+            log.error("cannot start: %s", exc)
+            await server.drain(0)
+            return exc.exit_code
         finally:
             if self.follower is not None:
                 self.follower.cancel()
                 await asyncio.gather(self.follower, return_exceptions=True)
             if self.store is not None:
                 await self.store.close()
+            if self.kernel is not None:
+                self.kernel.remove()
             if owner is not None:
                 owner.remove()
             CLOCK.stop()
@@ -203,7 +217,8 @@ class Worker:
             from sluicegate.admin.server import start_admin_server
 
             admin = await start_admin_server(snapshot.config.admin,
-                                             self.store, self.config_path)
+                                             self.store, self.config_path,
+                                             snapshot.config.dashboard, self._local_metrics)
         if self.control is not None:
             self.control.send(b"R")  # ready: the supervisor may now forward signals
             self._spawn(self._answer_control())
@@ -274,6 +289,12 @@ class Worker:
             log.error("config reload rejected: the tproxy (interception) entries changed; "
                       "restart sluicegate to apply them")
             return False
+        if snapshot.config.kernel != self.server.snapshot.config.kernel:
+            # Attached at start, like interception (and owned by the supervisor with
+            # several workers): rejected whole rather than half-applied.
+            log.error("config reload rejected: the kernel block changed; restart sluicegate "
+                      "to apply it")
+            return False
         old = self.server.snapshot.config.gateway
         if snapshot.config.gateway.listen != old.listen:
             log.warning("gateway.listen changed: restart to apply new listeners")
@@ -321,6 +342,8 @@ class Worker:
     async def _local_metrics(self) -> dict[str, Any]:
         snap = self.metrics_snapshot()
         snap["gauges"]["config_version"] = self.version
+        if self.kernel is not None:
+            snap["kernel"] = self.kernel.metrics()  # read from the maps now
         return snap
 
     async def _answer_control(self) -> None:

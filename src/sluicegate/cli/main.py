@@ -110,8 +110,11 @@ COMMANDS = [
             "bpftool shows them) in $SLUICEGATE_BPFFS (default /sys/fs/bpf/sluicegate)",
             "sluicegate bpf status    # then e.g.: bpftool map dump id ID", "cmd_bpf", [
                 Argument(("action",), {"choices": ["status"],
-                                       "help": "status: pinned objects and the links "
-                                               "running the pinned programs"}),
+                                       "help": "status: pinned objects, the links "
+                                               "running the pinned programs, and the "
+                                               "`kernel:` block's counters (XDP verdicts "
+                                               "per interface, reason and deny rule; flow "
+                                               "totals, ports, remotes, retransmits)"}),
             ]),
     Command("worker", "internal: one worker process started by `run --workers N`",
             "", "cmd_worker", [
@@ -309,7 +312,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_intercept(args: argparse.Namespace) -> int:
-    from sluicegate.intercept.ebpf import EbpfInterceptor
+    from sluicegate.intercept.ebpf import SK_LOOKUP_PROGRAM, EbpfInterceptor
     from sluicegate.intercept.tproxy import InterceptError, TproxyInterceptor
 
     ebpf, tproxy = EbpfInterceptor(), TproxyInterceptor()
@@ -327,7 +330,10 @@ def cmd_intercept(args: argparse.Namespace) -> int:
                 raise failures[0]
             print("interception removed")
         else:
-            shown = ebpf.status() if ebpf.folder.is_dir() else tproxy.status()
+            # The folder may hold only the `kernel:` block's pins (any mode): eBPF
+            # interception is what pinned its sk_lookup program.
+            ebpf_mode = (ebpf.folder / SK_LOOKUP_PROGRAM).exists()
+            shown = ebpf.status() if ebpf_mode else tproxy.status()
             print(json.dumps(shown, indent=2, default=str))
     except InterceptError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -336,11 +342,16 @@ def cmd_intercept(args: argparse.Namespace) -> int:
 
 
 def cmd_bpf(args: argparse.Namespace) -> int:
+    from sluicegate.bpf.kernel import kernel_status
     from sluicegate.bpf.libbpf import BpfError
     from sluicegate.intercept.ebpf import bpf_status
 
     try:
-        print(json.dumps(bpf_status(), indent=2))
+        shown = bpf_status()
+        counters = kernel_status()  # the `kernel:` block's XDP filter and flow counters
+        if counters:
+            shown["kernel"] = counters
+        print(json.dumps(shown, indent=2))
     except BpfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.RUNTIME_ERROR

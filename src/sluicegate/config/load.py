@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from sluicegate.config.interception import check_interception_block
+from sluicegate.config.kernel import check_kernel_block
 from sluicegate.config.model import GatewayConfig, RouteConfig, ServiceConfig
 from sluicegate.config.tls import check_tls
 from sluicegate.plugins.base import load_plugins, validate_plugin, validation_errors
@@ -78,6 +79,7 @@ def validate_config(data: dict[str, Any]) -> ValidatedConfig:
     _check_unique_ids(config, errors)
     _check_plugins(config, errors, warnings)
     check_interception_block(config, errors, warnings)
+    check_kernel_block(config, errors)
     _check_references(config, errors)
     check_tls(config, errors, warnings)
     for index, route in enumerate(config.routes):
@@ -192,9 +194,21 @@ def _check_references(config: GatewayConfig, errors: list[str]) -> None:
         service = services.get(route.service_id) if route.service_id else None
         if route.service_id and service is None:
             errors.append(f"{path}.service_id: no service {route.service_id!r}")
-        if not _has_upstream(route, service):
+        if not _has_upstream(route, service) and not _served_by_plugin(
+                route, service, config.plugin_configs):
             errors.append(f"{path}: no upstream (set upstream, upstream_id, or a service_id "
                           "whose service has one)")
+
+
+def _served_by_plugin(route: RouteConfig, service: ServiceConfig | None,
+                      plugin_configs: list[Any]) -> bool:
+    """A plugin of the route (its own, its service's or its plugin_config's) answers
+    requests itself (ai-proxy)."""
+    registry = load_plugins()
+    names = [*route.plugins, *(service.plugins if service else ())]
+    names += [name for p in plugin_configs if p.id == route.plugin_config_id
+              for name in p.plugins]
+    return any(name in registry and registry[name].serves_requests for name in names)
 
 
 def _has_upstream(route: RouteConfig, service: ServiceConfig | None) -> bool:

@@ -249,6 +249,13 @@ class StreamProxySettings(Strict):
     udp: list[ListenAddress] = Field(default_factory=list)
     splice: bool | None = None
     """Relay TCP with os.splice (kernel copy, ~40% less CPU); null: wherever available."""
+    # `copy` in the file; named copy_path here (a field named `copy` shadows BaseModel.copy).
+    copy_path: Literal["auto", "sockmap", "splice", "userspace"] | None = Field(None,
+                                                                             alias="copy")
+    """`copy`: how TCP bytes are relayed (overrides `splice`): `sockmap` joins the two
+    sockets in the kernel with an sk_skb program (docs/ebpf.md; falls back to splice when
+    it can't load), `splice` uses os.splice, `userspace` the asyncio copy, `auto` the first
+    that works here in that order. null: as `splice` says."""
     udp_idle_timeout: float = Field(60.0, gt=0, le=86_400)
     """A UDP flow (session) ends after this many seconds without a datagram."""
 
@@ -295,6 +302,17 @@ class AdminSettings(Strict):
     """Client addresses (IPs or CIDRs) allowed to call the Admin API; others get 403."""
 
 
+class DashboardSettings(Strict):
+    """The built-in web dashboard (read-only): its own listener, the Admin API's key and
+    `allow_admin`. It runs with the Admin API (in the same process) and not without it;
+    the Admin API also serves it at /dashboard/."""
+
+    enabled: bool = True
+    listen: ListenAddress = "127.0.0.1:9000"
+    """Keep it on loopback or a management network. When the address is taken, the
+    gateway logs it and runs on (the page stays reachable under the Admin API)."""
+
+
 def parse_listen(address: str) -> tuple[str, int]:
     """`host:port`, `[v6]:port` or `port` → (host, port); raises ValueError with the reason."""
     text = str(address).strip()
@@ -316,6 +334,7 @@ class GatewayConfig(Strict):
 
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     plugins: list[PluginEntry] = Field(default_factory=list)
     routes: list[RouteConfig] = Field(default_factory=list)
     services: list[ServiceConfig] = Field(default_factory=list)
@@ -329,3 +348,6 @@ class GatewayConfig(Strict):
     interception: dict[str, Any] | None = None
     """Transparent interception without a plugin entry: the `tproxy` plugin's options plus
     `service` (validated as those options; see plugins/tproxy.py)."""
+    kernel: dict[str, Any] | None = None
+    """In-kernel traffic control (XDP deny lists and rate limits) and kernel flow metrics
+    (validated by config/kernel.py; see docs/ebpf.md)."""

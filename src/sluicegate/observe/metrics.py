@@ -76,6 +76,15 @@ class MetricsStore:
         self.limit_store_errors: dict[tuple[str, str], int] = {}
         # (logger name, kind) -> count; kinds in HTTP_LOGGER_KINDS
         self.http_logger: dict[tuple[str, str], int] = {}
+        # AI gateway (plugins/ai_proxy.py); AiLabels = (route, consumer, provider, model)
+        # (*AiLabels, code) -> requests; (*AiLabels, error type) -> errors
+        self.ai_requests: dict[tuple[str, ...], int] = {}
+        self.ai_errors: dict[tuple[str, ...], int] = {}
+        # (type prompt|completion, source provider|estimate, *AiLabels) -> tokens
+        self.ai_tokens: dict[tuple[str, ...], int] = {}
+        # AiLabels -> Histogram: whole request; time to the first token of a stream
+        self.ai_latency: dict[tuple[str, ...], Histogram] = {}
+        self.ai_ttft: dict[tuple[str, ...], Histogram] = {}
 
     def record(self, code: int, route: str, service: str, consumer: str, node: str,
                latency: float, upstream_latency: float, upstream_status: int,
@@ -124,6 +133,31 @@ class MetricsStore:
         key = (name, kind)
         self.http_logger[key] = self.http_logger.get(key, 0) + amount
 
+    def record_ai(self, labels: tuple[str, str, str, str], code: int, error: str | None,
+                  prompt_tokens: int, completion_tokens: int, estimated: bool,
+                  latency: float, ttft: float | None) -> None:
+        """One AI request; labels are (route, consumer, provider, model)."""
+        key = (*labels, str(code))
+        self.ai_requests[key] = self.ai_requests.get(key, 0) + 1
+        if error is not None:
+            key = (*labels, error)
+            self.ai_errors[key] = self.ai_errors.get(key, 0) + 1
+        source = "estimate" if estimated else "provider"
+        tokens = self.ai_tokens
+        if prompt_tokens:
+            key = ("prompt", source, *labels)
+            tokens[key] = tokens.get(key, 0) + prompt_tokens
+        if completion_tokens:
+            key = ("completion", source, *labels)
+            tokens[key] = tokens.get(key, 0) + completion_tokens
+        for store, value in ((self.ai_latency, latency), (self.ai_ttft, ttft)):
+            if value is None:
+                continue
+            histogram = store.get(labels)
+            if histogram is None:
+                histogram = store[labels] = Histogram()
+            histogram.observe(value)
+
     def record_limit_store_error(self, plugin: str, outcome: str) -> None:
         key = (plugin, outcome)
         self.limit_store_errors[key] = self.limit_store_errors.get(key, 0) + 1
@@ -146,6 +180,15 @@ class MetricsStore:
             "stream": {k: list(v) for k, v in self.stream.items()},
             "limit_store_errors": dict(self.limit_store_errors),
             "http_logger": dict(self.http_logger),
+            "ai": {
+                "requests": dict(self.ai_requests),
+                "errors": dict(self.ai_errors),
+                "tokens": dict(self.ai_tokens),
+                "latency": {k: (list(h.buckets), h.count, h.total)
+                            for k, h in self.ai_latency.items()},
+                "ttft": {k: (list(h.buckets), h.count, h.total)
+                         for k, h in self.ai_ttft.items()},
+            },
         }
 
 
@@ -179,19 +222,31 @@ def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
         for key, counts in snap.get("stream", {}).items():
             stream[key] = [a + b for a, b in zip(stream.get(key, [0, 0, 0]), counts,
                                                  strict=True)]
-        latency = merged["latency"]
-        for key, (buckets, count, total) in snap["latency"].items():
-            if key in latency:
-                old_buckets, old_count, old_total = latency[key]
-                latency[key] = ([a + b for a, b in zip(old_buckets, buckets, strict=True)],
-                                old_count + count, old_total + total)
-            else:
-                latency[key] = (list(buckets), count, total)
+        _merge_histograms(merged["latency"], snap["latency"])
+        ai = merged.setdefault("ai", {"requests": {}, "errors": {}, "tokens": {},
+                                      "latency": {}, "ttft": {}})
+        for name, section in snap.get("ai", {}).items():
+            if name in ("latency", "ttft"):
+                _merge_histograms(ai[name], section)
+                continue
+            target = ai[name]
+            for key, value in section.items():
+                target[key] = target.get(key, 0) + value
     for name, pick in GAUGE_MERGE.items():
         values = [snap["gauges"][name] for snap in snapshots if name in snap.get("gauges", {})]
         if values:
             merged["gauges"][name] = pick(values)
     return merged
+
+
+def _merge_histograms(target: dict[Any, Any], source: dict[Any, Any]) -> None:
+    for key, (buckets, count, total) in source.items():
+        if key in target:
+            old_buckets, old_count, old_total = target[key]
+            target[key] = ([a + b for a, b in zip(old_buckets, buckets, strict=True)],
+                           old_count + count, old_total + total)
+        else:
+            target[key] = (list(buckets), count, total)
 
 
 # http-logger counters: kind -> (metric family, help, extra labels).
@@ -242,13 +297,7 @@ class SnapshotCollector(Collector):
             "sluicegate_http_latency_seconds",
             "Request latency (type=request: whole request in the gateway; "
             "type=upstream: until the upstream response head)", labels=["type", *labels])
-        for key, (buckets, _count, total) in sorted(snap["latency"].items()):
-            cumulative, running = [], 0
-            for bound, bucket_count in zip((*LATENCY_BUCKETS, float("inf")), buckets,
-                                           strict=True):
-                running += bucket_count
-                cumulative.append((_bound_label(bound), running))
-            latency.add_metric(list(key), cumulative, total)
+        _add_histograms(latency, snap["latency"])
         yield latency
         bandwidth = CounterMetricFamily("sluicegate_bandwidth_bytes",
                                         "Bytes received from clients (ingress) and sent to them "
@@ -305,10 +354,63 @@ class SnapshotCollector(Collector):
             store_errors.add_metric(list(key), value)
         yield store_errors
         yield from _http_logger_families(snap.get("http_logger", {}))
+        # Kernel counters (XDP filter, flow metrics) read by the process owning them.
+        from sluicegate.observe.kernel_metrics import kernel_families
+
+        yield from kernel_families(snap.get("kernel"))
+        yield from _ai_families(snap.get("ai", {}))
         for name, value in sorted(snap["gauges"].items()):
             gauge = GaugeMetricFamily(f"sluicegate_{name}", GAUGE_HELP.get(name, name))
             gauge.add_metric([], value)
             yield gauge
+
+
+def _add_histograms(family: HistogramMetricFamily, histograms: dict[Any, Any]) -> None:
+    for key, (buckets, _count, total) in sorted(histograms.items()):
+        cumulative, running = [], 0
+        for bound, bucket_count in zip((*LATENCY_BUCKETS, float("inf")), buckets,
+                                       strict=True):
+            running += bucket_count
+            cumulative.append((_bound_label(bound), running))
+        family.add_metric(list(key), cumulative, total)
+
+
+AI_LABELS = ["route", "consumer", "provider", "model"]
+
+
+def _ai_families(ai: dict[str, Any]) -> Iterator[Any]:
+    requests = CounterMetricFamily("sluicegate_ai_requests",
+                                   "AI requests (ai-proxy) by route, consumer, provider, model "
+                                   "and the status answered", labels=[*AI_LABELS, "code"])
+    for key, value in sorted(ai.get("requests", {}).items()):
+        requests.add_metric(list(key), value)
+    yield requests
+    errors = CounterMetricFamily(
+        "sluicegate_ai_errors",
+        "Failed AI requests by type: a provider status (429, 500...), timeout, connect, "
+        "stream (error event or cut stream), bad_response, bad_request, client_closed",
+        labels=[*AI_LABELS, "type"])
+    for key, value in sorted(ai.get("errors", {}).items()):
+        errors.add_metric(list(key), value)
+    yield errors
+    tokens = CounterMetricFamily(
+        "sluicegate_ai_tokens",
+        "Tokens by type (prompt, completion); source=provider: the provider's usage figures, "
+        "source=estimate: counted by the gateway (a stream that reported no usage)",
+        labels=["type", "source", *AI_LABELS])
+    for key, value in sorted(ai.get("tokens", {}).items()):
+        tokens.add_metric(list(key), value)
+    yield tokens
+    latency = HistogramMetricFamily("sluicegate_ai_latency_seconds",
+                                    "AI request latency, until the whole answer was sent",
+                                    labels=AI_LABELS)
+    _add_histograms(latency, ai.get("latency", {}))
+    yield latency
+    ttft = HistogramMetricFamily("sluicegate_ai_time_to_first_token_seconds",
+                                 "Streams: time from the request's arrival to the first "
+                                 "token sent to the client", labels=AI_LABELS)
+    _add_histograms(ttft, ai.get("ttft", {}))
+    yield ttft
 
 
 def _http_logger_families(counts: dict[tuple[str, str], int]) -> Iterator[Any]:
