@@ -26,10 +26,12 @@ def no_admin_key_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SLUICEGATE_ADMIN_KEY", raising=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the session. Skips (saying why) only when Chromium itself
-    cannot run here; a missing Playwright is a broken test environment, not a skip."""
+    """One headless Chromium per test module: Playwright's sync API keeps an event loop
+    running in the main thread while it is open, which would break every later test that
+    calls asyncio.run() if it stayed open for the session. Skips (saying why) only when
+    Chromium itself cannot run here; a missing Playwright is a broken test environment."""
     from playwright.sync_api import Error, sync_playwright
 
     if not Path(CHROMIUM).exists():
