@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# interception.sh - what transparent interception (TPROXY) costs, next to an explicit proxy and
-# plain routing, in a client — gateway — server rig built from network namespaces.
+# interception.sh - what transparent interception costs (TPROXY and eBPF sk_lookup), next to an
+# explicit proxy and plain routing, and what each L4 copy path (splice, sockmap, user space)
+# costs, in a client — gateway — server rig built from network namespaces.
 #
 #   rig:   client ns ──veth── gateway ns (router, ip_forward) ──veth── server ns
 #          10.210.1.2         10.210.1.1 | 10.210.2.1                  10.210.2.2
@@ -11,8 +12,11 @@
 #          explicit client → the gateway's address: an HTTP route (L7) / gateway.stream_proxy
 #                   listener + stream route (L4) to the server
 #          tproxy   client → server address, intercepted by sluicegate's tproxy plugin
-#                   (mode http: default upstream = the original destination; mode tcp: the
-#                   L4 relay to the original destination)
+#                   (handle http: default upstream = the original destination; handle tcp:
+#                   the L4 relay to the original destination)
+#          ebpf     the same plugin config with `mode: ebpf`: sk_lookup steering, no nft rule
+#   L4 copy paths: each gateway case's bulk load runs once per path in L4_COPIES
+#          (gateway.stream_proxy.copy: splice | sockmap | userspace), as case "<case>-<copy>"
 #   loads: keepalive  wrk -t1 -c50 -d${DURATION}s --latency, HTTP/1.1 keep-alive
 #          close      the same with -H 'Connection: close' (a new TCP connection per request)
 #          bulk       iperf3 -t ${IPERF_SECONDS} (default DURATION), 1 stream, client → server
@@ -30,6 +34,7 @@
 # Usage:   bench/interception.sh                              (DURATION=10 RUNS=3: ~6-8 min)
 #          DURATION=3 RUNS=1 bench/interception.sh            (a quick look, ~1 min)
 #          LOADS="keepalive" CASES="explicit tproxy" bench/interception.sh
+#          CASES="tproxy ebpf" L4_COPIES="splice sockmap" bench/interception.sh
 #          SG_REV=HEAD bench/interception.sh                  (a clean export of a commit)
 # Output:  ${OUT:-/tmp/sluicegate-bench/interception-<timestamp>}: summary.md (also on stdout),
 #          runs/ (raw wrk / iperf3 JSON + CPU accounting per run/load/case/attempt), logs/,
@@ -61,7 +66,8 @@ NOISE_MAX="${NOISE_MAX:-10}"                 # foreign CPU (% of one CPU) that t
 NOISE_RETRIES="${NOISE_RETRIES:-2}"          # extra attempts per measurement
 QUIET_WAIT="${QUIET_WAIT:-30}"               # before each attempt, wait up to this many s for a quiet second
 LOADS="${LOADS:-keepalive close bulk}"
-CASES="${CASES:-direct explicit tproxy}"
+CASES="${CASES:-direct explicit tproxy ebpf}"
+L4_COPIES="${L4_COPIES:-splice sockmap}"    # bulk: each gateway case once per copy path
 PRESERVE_SOURCE="${PRESERVE_SOURCE:-0}"      # 1: tproxy cases with preserve_source: true
 SG_REV="${SG_REV:-}"                         # empty: the working tree; else a git revision to export
 OUT="${OUT:-/tmp/sluicegate-bench/interception-$(date +%Y%m%d-%H%M%S)}"
@@ -88,10 +94,16 @@ for t in ip nft nginx wrk iperf3 curl taskset setsid ss timeout "$SUMMARY_PY"; d
 done
 [[ -x $PY ]] || die "no python at $PY (python -m venv .venv && .venv/bin/pip install -e .)"
 for l in $LOADS; do [[ $l =~ ^(keepalive|close|bulk)$ ]] || die "unknown load $l (keepalive close bulk)"; done
-for c in $CASES; do [[ $c =~ ^(direct|explicit|tproxy)$ ]] || die "unknown case $c (direct explicit tproxy)"; done
+for c in $CASES; do [[ $c =~ ^(direct|explicit|tproxy|ebpf)$ ]] || die "unknown case $c (direct explicit tproxy ebpf)"; done
+for c in $L4_COPIES; do [[ $c =~ ^(splice|sockmap|userspace)$ ]] || die "unknown L4 copy path $c (splice sockmap userspace)"; done
 (( GW_CPU < $(nproc) )) || die "GW_CPU=$GW_CPU but only $(nproc) CPUs"
 
 mkdir -p "$OUT"/{conf,logs,runs,state} || die "cannot create $OUT"
+# eBPF pins: a bpffs of this run, outside /sys (`ip netns exec` remounts /sys, so pins under
+# /sys/fs/bpf would be private to each process); the gateway and `intercept status` share it.
+BPFFS_MOUNT="$OUT/state/bpffs"
+BPFFS="$BPFFS_MOUNT/sluicegate"
+BPFFS_MOUNTED=0
 
 # Which sluicegate code runs: the (editable) working tree, or with SG_REV a clean export.
 SG_CMD=("$PY" -m sluicegate)
@@ -229,6 +241,7 @@ cleanup() {
     trap - EXIT INT TERM
     for n in "${!PIDS[@]}"; do stop_srv "$n"; done
     rig_down
+    if (( BPFFS_MOUNTED )); then umount -l "$BPFFS_MOUNT" 2>/dev/null; BPFFS_MOUNTED=0; fi
     left=$(leftovers)
     if [[ -n $left ]]; then log "LEFT BEHIND: $left"; else log "rig removed (namespaces $TAG-*)"; fi
 }
@@ -245,6 +258,7 @@ render_backend() {   # the nginx backend of bench/http_proxy.sh, listening on :8
 }
 
 tproxy_extra() { [[ $PRESERVE_SOURCE == 1 ]] && echo ", preserve_source: true"; }
+mode_of() { if [[ $1 == ebpf ]]; then echo ebpf; else echo tproxy; fi; }
 
 write_configs() {
     # Access logs are off (no file-logger), no prometheus: the bare forwarding path.
@@ -265,9 +279,12 @@ routes:
     uri: /*
     upstream_id: server
 EOF
-    cat >"$OUT/conf/tproxy_l7.yaml" <<EOF
-# TPROXY L7: the client targets the server ($S4:$HTTP_PORT); traffic to port $HTTP_PORT routed
-# through the gateway is intercepted, parsed and sent to its original destination
+    local case copy
+    for case in tproxy ebpf; do
+        cat >"$OUT/conf/${case}_l7.yaml" <<EOF
+# ${case} L7: the client targets the server ($S4:$HTTP_PORT); traffic to port $HTTP_PORT routed
+# through the gateway is intercepted (mode: $(mode_of $case)), parsed and sent to its original
+# destination
 gateway:
   listen: ["127.0.0.1:9080"]         # unused explicit listener
   metrics_listen: "127.0.0.1:9091"
@@ -277,8 +294,11 @@ plugins:
   - name: tproxy
     config: {listen: "0.0.0.0:$HTTP_PORT", tproxy: true, mode: $(mode_of $case), handle: http$(tproxy_extra)}
 EOF
-    cat >"$OUT/conf/explicit_l4.yaml" <<EOF
-# explicit L4 proxy: the client targets the gateway ($GC4:$IPERF_PORT), one stream route
+    done
+    for copy in $L4_COPIES; do
+        cat >"$OUT/conf/explicit_l4_${copy}.yaml" <<EOF
+# explicit L4 proxy: the client targets the gateway ($GC4:$IPERF_PORT), one stream route;
+# bytes relayed by the $copy copy path
 gateway:
   listen: ["127.0.0.1:9080"]
   metrics_listen: "127.0.0.1:9091"
@@ -286,24 +306,31 @@ gateway:
   drain_timeout: 1
   stream_proxy:
     tcp: ["$GC4:$IPERF_PORT"]
+    copy: $copy
 stream_routes:
   - id: iperf
     server_port: $IPERF_PORT
     upstream:
       nodes: {"$S4:$IPERF_PORT": 1}
 EOF
-    cat >"$OUT/conf/tproxy_l4.yaml" <<EOF
-# TPROXY L4: the client targets the server ($S4:$IPERF_PORT); intercepted TCP to port
-# $IPERF_PORT is relayed as bytes to its original destination
+        for case in tproxy ebpf; do
+            cat >"$OUT/conf/${case}_l4_${copy}.yaml" <<EOF
+# ${case} L4: the client targets the server ($S4:$IPERF_PORT); intercepted TCP to port
+# $IPERF_PORT (mode: $(mode_of $case)) is relayed as bytes to its original destination by the
+# $copy copy path
 gateway:
   listen: ["127.0.0.1:9080"]
   metrics_listen: "127.0.0.1:9091"
   workers: 1
   drain_timeout: 1
+  stream_proxy:
+    copy: $copy
 plugins:
   - name: tproxy
-    config: {listen: "0.0.0.0:$IPERF_PORT", tproxy: true, handle: tcp$(tproxy_extra)}
+    config: {listen: "0.0.0.0:$IPERF_PORT", tproxy: true, mode: $(mode_of $case), handle: tcp$(tproxy_extra)}
 EOF
+        done
+    done
 }
 
 # ------------------------------------------------------------------ metadata
@@ -328,6 +355,7 @@ write_meta() {
     echo "settings: DURATION=$DURATION IPERF_SECONDS=$IPERF_SECONDS RUNS=$RUNS WARMUP=$WARMUP CONNS=$CONNS THREADS=$THREADS LOAD_CPU=$LOAD_CPU BACKEND_CPU=$BACKEND_CPU GW_CPU=$GW_CPU NOISE_MAX=$NOISE_MAX NOISE_RETRIES=$NOISE_RETRIES QUIET_WAIT=$QUIET_WAIT PRESERVE_SOURCE=$PRESERVE_SOURCE SG_REV=${SG_REV:-<working tree>}"
     echo "loads: $LOADS"
     echo "cases: $CASES"
+    echo "l4_copies: $L4_COPIES"
     echo "rig: namespaces $NS_C ($C4) / $NS_G ($GC4 | $GS4, forwarding) / $NS_S ($S4), veth pairs"
     echo "load_keepalive: wrk -t$THREADS -c$CONNS -d${DURATION}s --latency, GET /bench, $BODY_LEN-byte body, keep-alive"
     echo "load_close: wrk -t$THREADS -c$CONNS -d${DURATION}s --latency -H 'Connection: close'"
@@ -375,9 +403,28 @@ capture_packets() {   # packets counted by the table's tproxy rules (0 when none
         awk '/tproxy/ && /packets/ {for (i = 1; i < NF; i++) if ($i == "packets") s += $(i + 1)} END {print s + 0}'
 }
 
+# eBPF mode: what `sluicegate intercept status` says about the pins of this run's bpffs.
+ebpf_status() { nsx "$NS_G" env SLUICEGATE_BPFFS="$BPFFS" "${SG_CMD[@]}" intercept status 2>/dev/null; }
+ebpf_installed() {
+    ebpf_status | "$SUMMARY_PY" -c 'import json,sys; sys.exit(0 if json.load(sys.stdin).get("installed") else 1)' 2>/dev/null
+}
+ebpf_assigned() {   # connections/datagrams sg_sk_lookup steered to the gateway so far
+    ebpf_status | "$SUMMARY_PY" -c 'import json,sys; print(json.load(sys.stdin).get("counters", {}).get("assigned", 0))' 2>/dev/null || echo 0
+}
+ebpf_pins() { if [[ -d $BPFFS ]]; then find "$BPFFS" -mindepth 1 -maxdepth 1 | wc -l; else echo 0; fi; }
+
+capture_count() {   # capture_count CASE: tproxy rule packets / sk_lookup steerings so far
+    case $1 in
+        tproxy) capture_packets ;;
+        ebpf) ebpf_assigned ;;
+        *) echo 0 ;;
+    esac
+}
+intercepting() { [[ $1 == tproxy || $1 == ebpf ]]; }
+
 GW=""        # name of the running gateway (PIDS key), empty for direct
-start_gateway() {   # start_gateway CASE LAYER(l7|l4) RUN -> sets GW; non-zero if it cannot run
-    local case=$1 layer=$2 run=$3 conf port name
+start_gateway() {   # start_gateway CASE LAYER(l7|l4) RUN [COPY] -> sets GW; non-zero if it cannot run
+    local case=$1 layer=$2 run=$3 copy=${4:-} conf port name
     GW=""
     if [[ $case == direct ]]; then
         # direct must really be direct: no listener, no interception in the gateway ns
@@ -385,19 +432,23 @@ start_gateway() {   # start_gateway CASE LAYER(l7|l4) RUN -> sets GW; non-zero i
             nsx "$NS_G" nft list ruleset >"$OUT/logs/stale_ruleset.txt" 2>&1
             die "a sluicegate table is still installed in the gateway ns before a direct case"
         fi
+        (( $(ebpf_pins) == 0 )) || die "eBPF interception pins are still in $BPFFS before a direct case"
         return 0
     fi
-    conf="$OUT/conf/${case}_${layer}.yaml"
-    name="gw_r${run}_${case}_${layer}"
+    conf="$OUT/conf/${case}_${layer}${copy:+_$copy}.yaml"
+    name="gw_r${run}_${case}_${layer}${copy:+_$copy}"
     if [[ $layer == l7 ]]; then port=$HTTP_PORT; else port=$IPERF_PORT; fi
-    start_srv "$name" "$GW_CPU" "$NS_G" "${SG_CMD[@]}" run -c "$conf"
+    start_srv "$name" "$GW_CPU" "$NS_G" env SLUICEGATE_BPFFS="$BPFFS" "${SG_CMD[@]}" run -c "$conf"
     if ! wait_port "$name" "$NS_G" "$port" 20; then
         stop_srv "$name"; return 1
     fi
+    local i
     if [[ $case == tproxy ]]; then   # listeners open before the rules go in
-        local i
         for i in $(seq 1 100); do (( $(sg_table) > 0 )) && break; sleep 0.1; done
         (( $(sg_table) > 0 )) || { stop_srv "$name"; return 1; }
+    elif [[ $case == ebpf ]]; then   # the same for the sk_lookup link and its routing
+        for i in $(seq 1 40); do ebpf_installed && break; sleep 0.2; done
+        ebpf_installed || { stop_srv "$name"; return 1; }
     fi
     record_pinning "$name"
     GW=$name
@@ -408,6 +459,8 @@ stop_gateway() {   # stop the gateway of a case; checks it removed its intercept
     [[ -z $GW ]] && return 0
     if [[ $case == tproxy ]]; then
         nsx "$NS_G" nft list table inet sluicegate >"$OUT/logs/$GW.nft.txt" 2>&1
+    elif [[ $case == ebpf ]]; then
+        ebpf_status >"$OUT/logs/$GW.ebpf.json"
     fi
     local notes="$OUT/state/gwnotes"
     : >"$notes"
@@ -426,6 +479,13 @@ stop_gateway() {   # stop the gateway of a case; checks it removed its intercept
         >"$OUT/logs/$GW.timewait.txt"
     grep -q Traceback "$OUT/logs/$GW.log" 2>/dev/null &&
         echo "NOTE: gateway logged a Python traceback (logs/$GW.log)" >>"$notes"
+    grep -q "sockmap unavailable" "$OUT/logs/$GW.log" 2>/dev/null &&
+        echo "NOTE: sockmap could not load, the relay fell back (logs/$GW.log)" >>"$notes"
+    if (( $(ebpf_pins) > 0 )); then
+        log "the gateway left eBPF pins behind; removing them (intercept down)"
+        nsx "$NS_G" env SLUICEGATE_BPFFS="$BPFFS" "${SG_CMD[@]}" intercept down >>"$OUT/logs/$GW.log" 2>&1
+        echo "NOTE: gateway left its eBPF interception pinned at exit" >>"$notes"
+    fi
     if (( $(sg_table) > 0 )); then
         log "the gateway left its nft table behind; removing it (intercept down)"
         nsx "$NS_G" "${SG_CMD[@]}" intercept down >>"$OUT/logs/$GW.log" 2>&1
@@ -479,7 +539,7 @@ measure_http() {   # measure_http RUN LOAD CASE
         skip "$load/$case" "sanity GET of $url from the client ns did not return the backend body (logs/check_http.txt)"
         return 0
     fi
-    before=$( [[ $case == tproxy ]] && capture_packets || echo 0)
+    before=$(capture_count "$case")
     wrk_load "$url" "$WARMUP" "${extra[@]}" >"$OUT/logs/r${run}_${load}_${case}.warmup.txt" 2>&1
     while :; do
         n=$((n + 1))
@@ -495,26 +555,26 @@ measure_http() {   # measure_http RUN LOAD CASE
         sleep 2
     done
     "$SUMMARY_PY" "$BENCH_DIR/summarize.py" keep "$base" "$n" >&2
-    if [[ $case == tproxy ]]; then   # the traffic really was intercepted
-        after=$(capture_packets)
-        (( after > before )) || echo "NOTE: the tproxy rules counted no packets: traffic was not intercepted" >>"$base.txt"
-        echo "tproxy rule packets: $before -> $after" >>"$OUT/logs/r${run}_${load}_${case}.intercept.txt"
+    if intercepting "$case"; then   # the traffic really was intercepted
+        after=$(capture_count "$case")
+        (( after > before )) || echo "NOTE: the $case interception counted nothing: traffic was not intercepted" >>"$base.txt"
+        echo "$case capture counter (tproxy: rule packets, ebpf: sk_lookup assigned): $before -> $after" >>"$OUT/logs/r${run}_${load}_${case}.intercept.txt"
     fi
 }
 
-measure_bulk() {   # measure_bulk RUN CASE
-    local run=$1 case=$2 base="$OUT/runs/r${1}_bulk_${2}" n=0 f rc pgid host before after
+measure_bulk() {   # measure_bulk RUN CASE KEY (KEY = CASE-COPY, or direct)
+    local run=$1 case=$2 key=$3 base="$OUT/runs/r${1}_bulk_${3}" n=0 f rc pgid host before after
     host=$(iperf_host "$case")
     pgid=0
     [[ -n $GW ]] && pgid=${PIDS[$GW]:-0}
-    before=$( [[ $case == tproxy ]] && capture_packets || echo 0)
-    if ! iperf_load "$host" "$WARMUP" >"$OUT/logs/r${run}_bulk_${case}.warmup.json" 2>&1; then
-        skip "bulk/$case" "warm-up iperf3 to $host:$IPERF_PORT failed (logs/r${run}_bulk_${case}.warmup.json)"
+    before=$(capture_count "$case")
+    if ! iperf_load "$host" "$WARMUP" >"$OUT/logs/r${run}_bulk_${key}.warmup.json" 2>&1; then
+        skip "bulk/$key" "warm-up iperf3 to $host:$IPERF_PORT failed (logs/r${run}_bulk_${key}.warmup.json)"
         return 0
     fi
     while :; do
         n=$((n + 1))
-        log "run $run/$RUNS bulk/$case: iperf3 -t $IPERF_SECONDS -c $host (attempt $n)"
+        log "run $run/$RUNS bulk/$key: iperf3 -t $IPERF_SECONDS -c $host (attempt $n)"
         window "$base" "$n" "$pgid" "$base.try$n.json" "$base.try$n.err" iperf_load "$host" "$IPERF_SECONDS"
         rc=$?
         f=$(foreign_of "$base.try$n.cpu.json")
@@ -525,35 +585,37 @@ measure_bulk() {   # measure_bulk RUN CASE
     done
     "$SUMMARY_PY" "$BENCH_DIR/interception_summary.py" keep-iperf "$base" "$n" >&2
     : >"$base.notes"
-    if [[ $case == tproxy ]]; then
-        after=$(capture_packets)
-        (( after > before )) || echo "the tproxy rules counted no packets: traffic was not intercepted" >>"$base.notes"
-        echo "tproxy rule packets: $before -> $after" >>"$OUT/logs/r${run}_bulk_${case}.intercept.txt"
+    if intercepting "$case"; then
+        after=$(capture_count "$case")
+        (( after > before )) || echo "the $case interception counted nothing: traffic was not intercepted" >>"$base.notes"
+        echo "$case capture counter: $before -> $after" >>"$OUT/logs/r${run}_bulk_${key}.intercept.txt"
     fi
 }
 
-run_case() {   # run_case RUN CASE LAYER: one gateway, the loads of that layer
-    local run=$1 case=$2 layer=$3 load loads=()
+run_case() {   # run_case RUN CASE LAYER [COPY]: one gateway, the loads of that layer
+    local run=$1 case=$2 layer=$3 copy=${4:-} load loads=() key k
+    key=$case${copy:+-$copy}   # bulk results are per case and copy path
     for load in $LOADS; do
         if [[ $layer == l7 && $load != bulk ]] || [[ $layer == l4 && $load == bulk ]]; then loads+=("$load"); fi
     done
     (( ${#loads[@]} )) || return 0
     : >"$OUT/state/gwnotes"
-    if ! start_gateway "$case" "$layer" "$run"; then
+    if ! start_gateway "$case" "$layer" "$run" "$copy"; then
         for load in "${loads[@]}"; do
-            skip "$load/$case" "the gateway did not start (or installed no interception) within 20 s (logs/gw_r${run}_${case}_${layer}.log)"
+            if [[ $load == bulk ]]; then k=$key; else k=$case; fi
+            skip "$load/$k" "the gateway did not start (or installed no interception) within 20 s (logs/gw_r${run}_${case}_${layer}${copy:+_$copy}.log)"
         done
         return 0
     fi
     for load in "${loads[@]}"; do
-        if [[ $load == bulk ]]; then measure_bulk "$run" "$case"; else measure_http "$run" "$load" "$case"; fi
+        if [[ $load == bulk ]]; then measure_bulk "$run" "$case" "$key"; else measure_http "$run" "$load" "$case"; fi
     done
     stop_gateway "$case" "$layer" "$run"
     if [[ -s $OUT/state/gwnotes ]]; then   # gateway trouble: noted on each of its measurements
         for load in "${loads[@]}"; do
             if [[ $load == bulk ]]; then
-                [[ -f $OUT/runs/r${run}_bulk_${case}.json ]] &&
-                    sed 's/^NOTE: //' "$OUT/state/gwnotes" >>"$OUT/runs/r${run}_bulk_${case}.notes"
+                [[ -f $OUT/runs/r${run}_bulk_${key}.json ]] &&
+                    sed 's/^NOTE: //' "$OUT/state/gwnotes" >>"$OUT/runs/r${run}_bulk_${key}.notes"
             else
                 [[ -f $OUT/runs/r${run}_${load}_${case}.txt ]] &&
                     cat "$OUT/state/gwnotes" >>"$OUT/runs/r${run}_${load}_${case}.txt"
@@ -573,6 +635,10 @@ for f in "$OUT"/conf/*.yaml; do
         die "config $f does not validate: $(cat "$OUT/logs/validate_$(basename "$f" .yaml).txt")"
 done
 
+if [[ " $CASES " == *" ebpf "* ]]; then
+    mkdir -p "$BPFFS_MOUNT" && mount -t bpf bpf "$BPFFS_MOUNT" || die "cannot mount a bpffs on $BPFFS_MOUNT"
+    BPFFS_MOUNTED=1
+fi
 rig_up || die "could not build the namespace rig"
 log "rig up: $NS_C ($C4) — $NS_G ($GC4 | $GS4) — $NS_S ($S4)"
 conf=$(render_backend)
@@ -594,7 +660,10 @@ for run in $(seq 1 "$RUNS"); do
         order=(); for (( i = ${#CASE_LIST[@]} - 1; i >= 0; i-- )); do order+=("${CASE_LIST[i]}"); done
     fi
     for c in "${order[@]}"; do run_case "$run" "$c" l7; done
-    for c in "${order[@]}"; do run_case "$run" "$c" l4; done
+    for c in "${order[@]}"; do
+        if [[ $c == direct ]]; then run_case "$run" direct l4; continue; fi
+        for copy in $L4_COPIES; do run_case "$run" "$c" l4 "$copy"; done
+    done
 done
 
 {

@@ -7,7 +7,12 @@ formatting come from bench/summarize.py (the HTTP proxy benchmark's helpers).
         BASE.json / BASE.cpu.json; prints a one-line result.
     interception_summary.py table OUT
         The Markdown result of a run directory: one table per load (medians over runs),
-        the TPROXY / explicit and ... / direct ratios against the target, per-run details.
+        the TPROXY / explicit ratios against issue 3's target, eBPF / TPROXY (issue 4: eBPF
+        mode ≥ TPROXY in connection rate), the L4 copy paths side by side (sockmap / splice /
+        user space: Gbit/s and gateway CPU per GB), ... / direct, per-run details.
+
+Bulk results are per gateway case and L4 copy path: `runs/rN_bulk_<case>-<copy>` (meta.txt
+`l4_copies:`); runs made before copy paths existed have `runs/rN_bulk_<case>`.
 """
 
 from __future__ import annotations
@@ -28,13 +33,16 @@ from summarize import (
     parse_wrk,
 )
 
-CASES = ("direct", "explicit", "tproxy")
+CASES = ("direct", "explicit", "tproxy", "ebpf")
+COPIES = ("splice", "sockmap", "userspace")
 LOADS = ("keepalive", "close", "bulk")
 LABELS = {
     "direct": "direct (routed, no proxy)",
     "explicit": "explicit proxy",
     "tproxy": "TPROXY (transparent)",
+    "ebpf": "eBPF sk_lookup (transparent)",
 }
+COPY_LABELS = {"splice": "splice", "sockmap": "sockmap", "userspace": "user-space copy"}
 LOAD_TITLES = {
     "keepalive": "HTTP keep-alive (wrk, 50 connections)",
     "close": "New connection per request (wrk, `Connection: close`)",
@@ -42,6 +50,27 @@ LOAD_TITLES = {
 }
 LAYER = {"keepalive": "L7", "close": "L7", "bulk": "L4"}
 TARGET_COST = 0.10   # issue 3: TPROXY costs ≤ 10 % vs the explicit proxy
+TARGET_EBPF_RATE = 1.0   # issue 4: eBPF mode ≥ TPROXY mode in connection rate
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """"tproxy-sockmap" → ("tproxy", "sockmap"); "direct" → ("direct", "")."""
+    case, _, copy = key.partition("-")
+    return case, copy
+
+
+def label(load: str, key: str) -> str:
+    case, copy = split_key(key)
+    text = LABELS.get(case, case) + ("" if case == "direct" else f" {LAYER[load]}")
+    return text + (f", {COPY_LABELS.get(copy, copy)}" if copy else "")
+
+
+def keys_for(load: str, cases: list[str], copies: list[str]) -> list[str]:
+    """Result keys of a load: the cases; for bulk each gateway case once per copy path."""
+    if load != "bulk" or not copies:
+        return list(cases)
+    return [c if c == "direct" else f"{c}-{copy}" for c in cases
+            for copy in ([""] if c == "direct" else copies)]
 
 
 # ------------------------------------------------------------------ iperf3
@@ -180,7 +209,8 @@ def table(out: Path) -> str:
     load_cpu = _setting(meta, "LOAD_CPU").replace("?", "0")
     noise_max = float(_setting(meta, "NOISE_MAX").replace("?", "10"))
     loads = [x for x in meta.get("loads", " ".join(LOADS)).split() if x in LOADS]
-    cases = [x for x in meta.get("cases", " ".join(CASES)).split() if x in CASES]
+    cases = [x for x in meta.get("cases", " ".join(CASES[:3])).split() if x in CASES]
+    copies = [x for x in meta.get("l4_copies", "").split() if x in COPIES]
     skipped: dict[str, str] = {}
     if (out / "skipped.tsv").exists():
         for line in (out / "skipped.tsv").read_text().splitlines():
@@ -191,22 +221,23 @@ def table(out: Path) -> str:
     rows: dict[tuple[str, str], dict] = {}
     detail: list[tuple[str, str, dict]] = []
     for load in loads:
-        for case in cases:
+        for key in keys_for(load, cases, copies):
             per = [m for run in range(1, runs + 1)
-                   if (m := measurement(out, run, load, case, gw_cpu, load_cpu)) is not None
+                   if (m := measurement(out, run, load, key, gw_cpu, load_cpu)) is not None
                    and m["value"] is not None]
-            detail += [(load, case, m) for m in per]
+            detail += [(load, key, m) for m in per]
             if per:
-                rows[(load, case)] = aggregate(per)
+                rows[(load, key)] = aggregate(per)
 
     ps = " (preserve_source)" if _setting(meta, "PRESERVE_SOURCE") == "1" else ""
     lines = [
-        f"## TPROXY interception benchmark ({meta.get('date', '?')})",
+        f"## Interception benchmark: TPROXY and eBPF ({meta.get('date', '?')})",
         "",
         f"Rig: {meta.get('rig', '?')}. {runs} interleaved run(s), medians shown. Pinning: "
         f"wrk / iperf3 client and nginx / iperf3 server on CPU {load_cpu}, the gateway on CPU "
         f"{gw_cpu}. {meta.get('cpu', '')}, kernel {meta.get('kernel', '?')}. sluicegate code: "
-        f"{meta.get('sluicegate_code', '?')}.{ps}",
+        f"{meta.get('sluicegate_code', '?')}.{ps}"
+        + (f" L4 copy paths: {', '.join(copies)}." if copies else ""),
         "",
         "Columns: *gw* = utime+stime of the gateway's process group ÷ work done (µs per "
         "request, or CPU seconds per GB for bulk), split user+system; *CPU" + gw_cpu + "* = "
@@ -214,7 +245,8 @@ def table(out: Path) -> str:
         "core, e.g. the receive path of the packets the gateway sends); *all CPUs* = the same "
         "over every core (client, servers, forwarding and gateway: what the whole path "
         "costs); *CPU% " + load_cpu + "/" + gw_cpu + "* = busy % of the load core / gateway "
-        "core.",
+        "core. With the sockmap copy path the bytes move in softirq and kernel work queues, "
+        "not in the gateway process: compare *CPU" + gw_cpu + "* and *all CPUs* too.",
     ]
     for load in loads:
         unit = "Gbit/s" if load == "bulk" else "req/s"
@@ -231,13 +263,13 @@ def table(out: Path) -> str:
                       "| vs direct | notes |",
                       "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         digits = 2 if load == "bulk" else 1
-        for case in cases:
-            r = rows.get((load, case))
-            label = LABELS[case] + ("" if case == "direct" else f" {LAYER[load]}")
+        for key in keys_for(load, cases, copies):
+            r = rows.get((load, key))
+            text = label(load, key)
             if r is None:
-                reason = skipped.get(f"{load}/{case}", "no result")
+                reason = skipped.get(f"{load}/{key}", "no result")
                 dashes = " - |" * (8 if load == "bulk" else 9)
-                lines.append(f"| {label} |{dashes} skipped: {reason} |")
+                lines.append(f"| {text} |{dashes} skipped: {reason} |")
                 continue
             notes = []
             if r["errors"]:
@@ -247,10 +279,10 @@ def table(out: Path) -> str:
             if r["retried"]:
                 notes.append(f"{r['retried']} run(s) re-measured (noise)")
             if r["n"] < runs:
-                why = skipped.get(f"{load}/{case}")
+                why = skipped.get(f"{load}/{key}")
                 notes.append(f"only {r['n']} of {runs} runs" + (f": {why}" if why else ""))
             notes += r["notes"]
-            gw = "-" if case == "direct" or r["gw"] is None else _f(r["gw"], digits)
+            gw = "-" if key == "direct" or r["gw"] is None else _f(r["gw"], digits)
             if gw != "-" and r["gw_usr"] is not None:
                 gw += f" ({_f(r['gw_usr'], digits)}+{_f(r['gw_sys'], digits)})"
             busy = (f"{r['load_busy']:.0f}/{r['gw_busy']:.0f}"
@@ -262,59 +294,127 @@ def table(out: Path) -> str:
             else:
                 mid = f"{_fmt_ms(r['p50'])} | {_fmt_ms(r['p99'])} |"
             lines.append(
-                f"| {label} | {_value(load, r['value'])} | {runs_text} | {mid} {gw} | "
+                f"| {text} | {_value(load, r['value'])} | {runs_text} | {mid} {gw} | "
                 f"{_f(r['core'], digits)} | {_f(r['total'], digits)} | {busy} | {vs_direct} "
                 f"| {'; '.join(notes)} |")
 
-    # ---- ratios and the target
-    lines += ["", "### TPROXY against the explicit proxy (target: TPROXY costs ≤ 10 %)", "",
-              "| load | throughput TPROXY/explicit | gw CPU per unit TPROXY/explicit "
-              f"| CPU{gw_cpu} per unit | CPU{load_cpu} per unit | all CPUs per unit | p50 | p99 "
-              "| TPROXY/direct | explicit/direct | target |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    verdicts = []
-    for load in loads:
-        t, e = rows.get((load, "tproxy")), rows.get((load, "explicit"))
-        d = rows.get((load, "direct"))
-        if not t or not e:
-            lines.append(f"| {LOAD_TITLES[load]} |" + " - |" * 9 + " not measured |")
-            continue
-        thr = _x(t["value"], e["value"])
-        gw = _x(t["gw"], e["gw"])
-        costs = [c for c in ((1 - thr) if thr else None, (gw - 1) if gw else None)
-                 if c is not None]
-        worst = max(costs) if costs else None
-        if worst is None:
-            verdict = "not measured"
-        else:
-            verdict = "met" if worst <= TARGET_COST else "NOT met"
-            verdict += f" (cost {_pct(worst)})"
-        noisy = [c for c in ("tproxy", "explicit")
-                 if rows[(load, c)]["foreign_max"] > noise_max]
-        if noisy:
-            verdict += "; noisy windows kept: trust the CPU ratio over req/s"
-        verdicts.append((load, verdict))
-        lines.append(
-            f"| {LOAD_TITLES[load]} | {_fx(thr)} | {_fx(gw)} | {_fx(_x(t['core'], e['core']))} "
-            f"| {_fx(_x(t['load_core'], e['load_core']))} | {_fx(_x(t['total'], e['total']))} "
-            f"| {_fx(_x(t['p50'], e['p50']))} | {_fx(_x(t['p99'], e['p99']))} "
-            f"| {_fx(_x(t['value'], d['value']) if d else None)} "
-            f"| {_fx(_x(e['value'], d['value']) if d else None)} | {verdict} |")
-    lines += ["", "Cost = the worse of (1 - throughput ratio) and (gateway CPU per unit ratio - "
-              "1); the target is met when both are ≤ 10 %. The per-unit CPU ratios hold up "
-              "better than req/s when other processes disturbed a window."]
+    def pairs(first: str, second: str) -> list[tuple[str, str, str, str]]:
+        """(load, title, key of `first`, key of `second`) for every measured load; bulk once
+        per copy path."""
+        found = []
+        for load in loads:
+            if load == "bulk" and copies:
+                for copy in copies:
+                    found.append((load, f"{LOAD_TITLES[load]}, {COPY_LABELS[copy]}",
+                                  f"{first}-{copy}", f"{second}-{copy}"))
+            else:
+                found.append((load, LOAD_TITLES[load], first, second))
+        return found
+
+    def ratio_cells(a: dict, b: dict, d: dict | None) -> str:
+        return (f"{_fx(_x(a['value'], b['value']))} | {_fx(_x(a['gw'], b['gw']))} "
+                f"| {_fx(_x(a['core'], b['core']))} | {_fx(_x(a['load_core'], b['load_core']))} "
+                f"| {_fx(_x(a['total'], b['total']))} | {_fx(_x(a['p50'], b['p50']))} "
+                f"| {_fx(_x(a['p99'], b['p99']))} "
+                f"| {_fx(_x(a['value'], d['value']) if d else None)} "
+                f"| {_fx(_x(b['value'], d['value']) if d else None)}")
+
+    header = (f"| throughput | gw CPU per unit | CPU{gw_cpu} per unit | CPU{load_cpu} per unit "
+              "| all CPUs per unit | p50 | p99 ")
+
+    # ---- TPROXY against explicit (issue 3)
+    if "tproxy" in cases and "explicit" in cases:
+        lines += ["", "### TPROXY against the explicit proxy (target: TPROXY costs ≤ 10 %)", "",
+                  "| load " + header.replace("| throughput", "| throughput TPROXY/explicit")
+                  + "| TPROXY/direct | explicit/direct | target |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for load, title, tk, ek in pairs("tproxy", "explicit"):
+            t, e, d = rows.get((load, tk)), rows.get((load, ek)), rows.get((load, "direct"))
+            if not t or not e:
+                lines.append(f"| {title} |" + " - |" * 9 + " not measured |")
+                continue
+            thr = _x(t["value"], e["value"])
+            gw = _x(t["gw"], e["gw"])
+            costs = [c for c in ((1 - thr) if thr else None, (gw - 1) if gw else None)
+                     if c is not None]
+            worst = max(costs) if costs else None
+            if worst is None:
+                verdict = "not measured"
+            else:
+                verdict = "met" if worst <= TARGET_COST else "NOT met"
+                verdict += f" (cost {_pct(worst)})"
+            if any(rows[(load, k)]["foreign_max"] > noise_max for k in (tk, ek)):
+                verdict += "; noisy windows kept: trust the CPU ratio over req/s"
+            lines.append(f"| {title} | {ratio_cells(t, e, d)} | {verdict} |")
+        lines += ["", "Cost = the worse of (1 - throughput ratio) and (gateway CPU per unit "
+                  "ratio - 1); the target is met when both are ≤ 10 %. The per-unit CPU ratios "
+                  "hold up better than req/s when other processes disturbed a window."]
+
+    # ---- eBPF against TPROXY (issue 4)
+    if "ebpf" in cases and "tproxy" in cases:
+        lines += ["", "### eBPF sk_lookup against TPROXY (target: eBPF ≥ TPROXY in connection "
+                  "rate)", "",
+                  "| load " + header.replace("| throughput", "| throughput eBPF/TPROXY")
+                  + "| eBPF/direct | TPROXY/direct | target |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for load, title, bk, tk in pairs("ebpf", "tproxy"):
+            b, t, d = rows.get((load, bk)), rows.get((load, tk)), rows.get((load, "direct"))
+            if not b or not t:
+                lines.append(f"| {title} |" + " - |" * 9 + " not measured |")
+                continue
+            verdict = ""
+            if load == "close":   # a new connection per request: the connection rate
+                thr = _x(b["value"], t["value"])
+                verdict = "not measured" if thr is None else (
+                    ("met" if thr >= TARGET_EBPF_RATE else "NOT met") + f" ({_fx(thr)})")
+                if any(rows[(load, k)]["foreign_max"] > noise_max for k in (bk, tk)):
+                    verdict += "; noisy windows kept"
+            lines.append(f"| {title} | {ratio_cells(b, t, d)} | {verdict} |")
+        lines += ["", "The connection rate is the `Connection: close` load (one TCP connection "
+                  "per request). TPROXY's per-packet work (nftables chain, tproxy socket "
+                  "lookup) and eBPF's (tc mark + sk_lookup program) both run in the softirq of "
+                  f"the sending core, CPU{load_cpu} for client packets: see *CPU{load_cpu} per "
+                  "unit* and *all CPUs per unit*."]
+
+    # ---- L4 copy paths
+    if "bulk" in loads and len(copies) > 1:
+        base = copies[0]
+        lines += ["", f"### L4 copy paths (bulk), against {COPY_LABELS[base]}", "",
+                  "| case | copy path | Gbit/s | gw s/GB | CPU" + gw_cpu + " s/GB | all CPUs "
+                  f"s/GB | Gbit/s vs {base} | gw CPU per GB vs {base} | CPU{gw_cpu} per GB vs "
+                  f"{base} |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for case in cases:
+            if case == "direct":
+                continue
+            ref = rows.get(("bulk", f"{case}-{base}"))
+            for copy in copies:
+                r = rows.get(("bulk", f"{case}-{copy}"))
+                if r is None:
+                    lines.append(f"| {LABELS[case]} | {COPY_LABELS[copy]} |" + " - |" * 7)
+                    continue
+                same = copy == base or ref is None
+                lines.append(
+                    f"| {LABELS[case]} | {COPY_LABELS[copy]} | {_f(r['value'], 2)} "
+                    f"| {_f(r['gw'], 2)} | {_f(r['core'], 2)} | {_f(r['total'], 2)} "
+                    f"| {'-' if same else _fx(_x(r['value'], ref['value']))} "
+                    f"| {'-' if same else _fx(_x(r['gw'], ref['gw']))} "
+                    f"| {'-' if same else _fx(_x(r['core'], ref['core']))} |")
+        lines += ["", "Issue 4's target is stated against haproxy in TCP mode (throughput ≥ "
+                  "1.0x at ≤ 0.2x its proxy CPU), which this rig does not run: "
+                  "bench/stream_copy.py and bench/http_proxy.sh measure the haproxy side."]
 
     lines += ["", "Per run (kept attempt of each measurement):", "",
               "| run | load | case | req/s or Gbit/s | p50 ms | p99 ms | gw per unit | "
               f"CPU{gw_cpu} per unit | all CPUs per unit | CPU% {load_cpu}/{gw_cpu} "
               f"| softirq% {load_cpu}/{gw_cpu} | other procs % | attempts |",
               "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    order = {pair: i for i, pair in enumerate((ld, c) for ld in loads for c in cases)}
-    for load, case, m in sorted(detail, key=lambda x: (x[2]["run"], order[(x[0], x[1])])):
+    order = {pair: i for i, pair in enumerate((ld, k) for ld in loads
+                                               for k in keys_for(ld, cases, copies))}
+    for load, key, m in sorted(detail, key=lambda x: (x[2]["run"], order[(x[0], x[1])])):
         digits = 2 if load == "bulk" else 1
         lines.append(
-            f"| {m['run']} | {load} | {case} | {_value(load, m['value'])} | {_fmt_ms(m['p50'])} "
-            f"| {_fmt_ms(m['p99'])} | {_f(m['gw'], digits) if case != 'direct' else '-'} "
+            f"| {m['run']} | {load} | {key} | {_value(load, m['value'])} | {_fmt_ms(m['p50'])} "
+            f"| {_fmt_ms(m['p99'])} | {_f(m['gw'], digits) if key != 'direct' else '-'} "
             f"| {_f(m['core'], digits)} | {_f(m['total'], digits)} "
             f"| {m['load_busy']}/{m['gw_busy']} | {m['softirq_load']}/{m['softirq_gw']} "
             f"| {m['foreign']} "

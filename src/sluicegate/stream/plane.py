@@ -47,6 +47,7 @@ class StreamPlane:
         self.on_close = on_close
         settings = config.gateway.stream_proxy
         self.splice = settings.splice
+        self.copy = settings.copy_path  # `copy`: overrides splice (stream/sockmap_relay.py)
         self.udp_idle_timeout = settings.udp_idle_timeout
         self.table = stream_table(config)
         self.explicit_tcp: StreamServer | None = None
@@ -63,7 +64,7 @@ class StreamPlane:
     def start(self, entries: list[InterceptEntry]) -> None:
         settings = self.config.gateway.stream_proxy
         if settings.tcp:
-            self.explicit_tcp = StreamServer(self.table, splice=self.splice,
+            self.explicit_tcp = StreamServer(self.table, splice=self.splice, copy=self.copy,
                                              on_close=self._closed("tcp"))
             for address in settings.tcp:
                 self.explicit_tcp.listen(*parse_listen(address), self.reuse_port)
@@ -89,7 +90,8 @@ class StreamPlane:
         if "tcp" in entry.conf.protocols and not entry.http:
             factory = ((lambda node, client: transparent_connect_socket(client, proto="tcp"))
                        if spec.preserve_source else None)
-            server = StreamServer(table, splice=self.splice, connect_socket_factory=factory,
+            server = StreamServer(table, splice=self.splice, copy=self.copy,
+                                  connect_socket_factory=factory,
                                   is_own_destination=is_own, on_close=self._closed("tcp"))
             for host in entry.listen_hosts:
                 server.add_listener(transparent_socket(host, port, "tcp",

@@ -642,7 +642,9 @@ class SpliceConnection(StreamConnection):
 class StreamServer:
     """TCP stream proxy of one worker: listeners, live route table, open connections.
 
-    ``splice`` selects the copy path (see the module docs); None (the default) takes the
+    ``copy`` (``auto``, ``sockmap``, ``splice``, ``userspace``; stream/sockmap_relay.py)
+    selects the copy path and overrides ``splice``. ``splice`` selects between the two
+    user-space-driven paths (see the module docs); None (the default) takes the
     splice path where ``os.splice`` exists: it moves the same bytes for ~40% less relay CPU
     (bench/stream_copy.py: 0.21-0.23 vs 0.36-0.42 CPU s per GiB). ``connect_socket_factory(node,
     client_address)`` may return an unconnected socket for the upstream connection (e.g.
@@ -658,6 +660,7 @@ class StreamServer:
     """
 
     def __init__(self, table: StreamRouteTable, *, splice: bool | None = None,
+                 copy: str | None = None,
                  connect_socket_factory: ConnectSocketFactory | None = None,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -671,6 +674,14 @@ class StreamServer:
         self.splice = splice
         self.connection_class: type[StreamConnection] = (
             SpliceConnection if splice else CopyConnection)
+        # `copy` (auto | sockmap | splice | userspace) overrides `splice`; the path really
+        # used (after falling back when sockmap can't load) is `copy_path`.
+        self.copy_path = "splice" if splice else "userspace"
+        if copy is not None:
+            from sluicegate.stream.sockmap_relay import connection_class_for
+
+            self.copy_path, self.connection_class = connection_class_for(copy)
+            self.splice = self.copy_path != "userspace"
         self.connect_socket_factory = connect_socket_factory
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout

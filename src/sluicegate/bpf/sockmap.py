@@ -1,0 +1,154 @@
+"""Sockmap splicing: the loaded `sockmap_splice.bpf.o` that joins two TCP sockets in the
+kernel (docs/ebpf.md, "Sockmap splicing"; the relay that drives it is
+`sluicegate/stream/sockmap_relay.py`).
+
+One `SockmapSplice` per process serves every relayed pair: a SOCKHASH keyed by socket cookie
+with the `sg_sm_verdict` sk_skb program attached to it, and two hash maps
+per socket, `sg_sm_ctl` (the peer and the resume point, written here) and `sg_sm_count`
+(bytes redirected and passed, written by the program). The objects are not pinned: they only
+ever hold this process's own sockets, which the kernel removes from the map when they close,
+and they go away with the process (`bpftool prog show name sg_sm_verdict` finds them while it
+runs). Nothing is attached to a network namespace or an interface.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import socket
+import struct
+import threading
+from typing import Any
+
+from sluicegate.bpf import object_path
+
+log = logging.getLogger("sluicegate.bpf")
+
+OBJECT = "sockmap_splice"
+VERDICT_PROGRAM = "sg_sm_verdict"
+SOCKETS_MAP = "sg_sm_socks"
+CTL_MAP = "sg_sm_ctl"
+COUNT_MAP = "sg_sm_count"
+# enum bpf_attach_type (uapi/bpf.h)
+BPF_SK_SKB_STREAM_VERDICT = 5
+# Mirrors of bpf/src/sockmap_splice.h (change both together).
+NO_RESUME = 0xFFFF_FFFF_FFFF_FFFF
+_KEY = struct.Struct("<Q")
+_CTL = struct.Struct("<QQ")  # peer, resume_at
+_COUNT = struct.Struct("<QQ")  # redirected, passed
+SO_COOKIE = 57  # socket.SO_COOKIE is missing from Python 3.11
+
+_lock = threading.Lock()
+_shared: SockmapSplice | None = None
+_failure: str | None = None
+
+
+class SockmapUnavailable(Exception):
+    """The sockmap programs cannot run here; `str()` is the one-line reason."""
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    """The kernel's 64-bit id of a socket (SO_COOKIE): the program sees the same value."""
+    return int(_KEY.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0])
+
+
+class SockmapSplice:
+    """The loaded object with both programs attached to its SOCKHASH (see the module docs).
+
+    Methods take socket cookies; `insert` also needs the socket. Errors are `BpfError`
+    (sluicegate.bpf.libbpf)."""
+
+    def __init__(self) -> None:
+        from sluicegate.bpf import libbpf
+
+        self._libbpf = libbpf
+        self.obj = libbpf.BpfObject(object_path(OBJECT))
+        try:
+            self.sockets = self.obj.map(SOCKETS_MAP)
+            self.ctl = self.obj.map(CTL_MAP)
+            self.count = self.obj.map(COUNT_MAP)
+            lib = libbpf.library()
+            # bpf_prog_attach(prog_fd, target_fd, type, flags): sk_skb programs attach to the
+            # map, not to a netns or interface. (libbpf.py does not declare it yet.)
+            attach = lib.bpf_prog_attach
+            attach.restype = ctypes.c_int
+            attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+            # Verdict only, no stream_parser: see sockmap_splice.bpf.c for what the parser
+            # did on this kernel.
+            result = attach(self.obj.program(VERDICT_PROGRAM).fd, self.sockets.fd,
+                            BPF_SK_SKB_STREAM_VERDICT, 0)
+            if result < 0:
+                code = -result if result != -1 else ctypes.get_errno()
+                raise libbpf.BpfError(
+                    f"attaching {VERDICT_PROGRAM} to the map {SOCKETS_MAP} failed: "
+                    f"{errno.errorcode.get(code, code)}", code)
+        except BaseException:
+            self.obj.close()
+            raise
+
+    # -- a pair's entries ----------------------------------------------------------------
+    def prepare(self, cookie: int, peer: int) -> None:
+        """Zero the counters and start passing (user space copies until `resume`)."""
+        self.count.update(_KEY.pack(cookie), _COUNT.pack(0, 0))
+        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, NO_RESUME))
+
+    def insert(self, cookie: int, sock: socket.socket) -> None:
+        """Put a socket in the SOCKHASH (an established TCP socket, else EOPNOTSUPP)."""
+        self.sockets.update(_KEY.pack(cookie), _KEY.pack(sock.fileno()))
+
+    def resume(self, cookie: int, peer: int, resume_at: int) -> None:
+        """Redirect in the kernel once the program's `passed` count equals `resume_at`."""
+        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, resume_at))
+
+    def counts(self, cookie: int) -> tuple[int, int]:
+        """(redirected, passed) bytes of the socket; zeros when unknown."""
+        raw = self.count.lookup(_KEY.pack(cookie), _COUNT.size)
+        if raw is None:
+            return 0, 0
+        return _COUNT.unpack(raw)  # type: ignore[return-value]
+
+    def forget(self, cookie: int) -> None:
+        """Take the socket out of the map and drop its entries (absent ones are fine)."""
+        key = _KEY.pack(cookie)
+        for bpf_map in (self.sockets, self.ctl, self.count):
+            try:
+                bpf_map.delete(key)
+            except self._libbpf.BpfError:
+                log.debug("sockmap: deleting %d from %s failed", cookie, bpf_map.name)
+
+    def close(self) -> None:
+        self.obj.close()
+
+    def describe(self) -> dict[str, Any]:
+        """Program and map ids, for status output and bpftool."""
+        libbpf = self._libbpf
+        return {"programs": [libbpf.describe(self.obj.program(VERDICT_PROGRAM).fd)],
+                "maps": [libbpf.describe(m.fd) for m in (self.sockets, self.ctl, self.count)]}
+
+
+def shared() -> SockmapSplice:
+    """The process's `SockmapSplice`, loaded on first use. Raises `SockmapUnavailable` with
+    the one-line reason (libbpf missing, no privilege, kernel without the hook), and
+    remembers it so the reason is found once per process."""
+    global _shared, _failure
+    with _lock:
+        if _shared is not None:
+            return _shared
+        if _failure is not None:
+            raise SockmapUnavailable(_failure)
+        try:
+            _shared = SockmapSplice()
+        except Exception as error:  # BpfError, OSError from ctypes: all mean "not here"
+            _failure = str(error) or type(error).__name__
+            raise SockmapUnavailable(_failure) from None
+        return _shared
+
+
+def available() -> str | None:
+    """None when sockmap splicing works in this process, else the reason it does not."""
+    try:
+        shared()
+    except SockmapUnavailable as error:
+        return str(error)
+    return None

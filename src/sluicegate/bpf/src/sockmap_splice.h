@@ -1,0 +1,23 @@
+/* Layouts shared by sockmap_splice.bpf.c and its Python side (sluicegate/bpf/sockmap.py,
+ * which packs the same structs with `struct`). Change both together. Host byte order. */
+#ifndef SLUICEGATE_SOCKMAP_SPLICE_H
+#define SLUICEGATE_SOCKMAP_SPLICE_H
+
+/* Sockets spliced at once (two per relayed connection). */
+#define SG_SM_MAX_SOCKETS 65536
+/* sg_sm_ctl.resume_at while user space is still copying a direction itself. */
+#define SG_SM_NO_RESUME 0xffffffffffffffffULL
+
+/* Per socket (key: its socket cookie), written only by user space. */
+struct sg_sm_ctl {
+	__u64 peer;      /* socket cookie of the other socket of the pair: where bytes go */
+	__u64 resume_at; /* redirect in the kernel only while sg_sm_count.passed == this */
+};
+
+/* Per socket (key: its socket cookie), written only by the program (atomic adds). */
+struct sg_sm_count {
+	__u64 redirected; /* bytes moved to the peer in the kernel */
+	__u64 passed;     /* bytes left to user space (until it caught up) */
+};
+
+#endif

@@ -1,0 +1,400 @@
+"""The TCP relay on the sockmap path (bytes redirected in the kernel by an sk_skb program):
+every behavioural test of test_tcp.py runs here again with `copy="sockmap"`, plus what only
+this path has (early bytes, the switch to the kernel, counters, fallback).
+
+The programs attach to a SOCKHASH holding only the relay's own sockets (no network
+namespace or interface hook, nothing pinned), so these tests run in the root namespace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from net.bpffs import bpffs_fixture  # noqa: F401  (the `bpffs` fixture)
+from net.conftest import rig_fixture  # noqa: F401  (the `rig` fixture)
+from net.rig import PYTHON, Rig
+from sluicegate.bpf import sockmap
+from sluicegate.config.model import GatewayConfig
+from sluicegate.stream.routes import StreamRoute, StreamUpstream
+from sluicegate.stream.sockmap_relay import SockmapConnection
+from sluicegate.stream.tcp import StreamConnection
+from stream.test_tcp import *  # noqa: F403  (every test_tcp test, re-run on this path)
+from stream.test_tcp import Relay, echo, recv_all, route_to
+
+UNAVAILABLE = sockmap.available()
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None,
+                                reason=f"sockmap splicing unavailable: {UNAVAILABLE}")
+MIB = 1 << 20
+
+
+@pytest.fixture
+def splice() -> bool:
+    """test_tcp's path switch: unused here, every relay takes the sockmap path."""
+    return False
+
+
+@pytest.fixture
+def start_relay() -> Iterator[Callable[..., Relay]]:
+    """test_tcp's relay factory, on the sockmap path; each relay records its finished
+    connections in `relay.closed`."""
+    started: list[Relay] = []
+
+    def start(routes: list[Any], splice: bool = False, host: str = "127.0.0.1",
+              **options: Any) -> Relay:
+        closed: list[StreamConnection] = []
+        options.setdefault("on_close", closed.append)
+        relay = Relay(routes, host, False, copy="sockmap", **options)
+        relay.closed = closed  # type: ignore[attr-defined]
+        assert relay.server.copy_path == "sockmap"
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.stop()
+
+
+NO_BACKPRESSURE = ("sockmap path: a redirected skb is queued on the receiving socket without "
+                   "limit, so a sender is not slowed by a receiver that stops reading "
+                   "(docs/ebpf.md, Sockmap splicing: backpressure)")
+
+
+@pytest.mark.skip(reason=NO_BACKPRESSURE)
+def test_slow_reader_keeps_relay_memory_bounded() -> None:
+    """test_tcp's test, which needs the sender to be stopped by the relay."""
+
+
+@pytest.mark.skip(reason=NO_BACKPRESSURE)
+def test_upstream_that_stops_reading_is_reset_after_the_send_timeout() -> None:
+    """test_tcp's test, whose client fills the buffers on the way until its send blocks."""
+
+
+def test_upstream_that_stops_reading_is_reset_after_the_send_timeout_anyway(start_relay,
+                                                                             upstreams):
+    release = threading.Event()
+
+    def read_once_then_stop(conn: socket.socket) -> None:
+        conn.sendall(recv_exactly(conn, 4))
+        release.wait(20)
+
+    server = upstreams(read_once_then_stop)
+    upstream = StreamUpstream.from_nodes([server.address], send_timeout=0.5)
+    relay = start_relay([StreamRoute("r", upstream=upstream)])
+    try:
+        with relay.connect() as client:
+            assert round_trip_ping(client)  # joined: what follows is redirected
+            client.settimeout(10)
+            block = bytes(MIB)
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                for _ in range(2048):  # 2 GiB at most: the reset comes long before
+                    client.sendall(block)
+                client.recv(1)
+        relay.wait_idle()
+    finally:
+        release.set()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def send_random(sock: socket.socket, total: int, seed: int) -> str:
+    """Send `total` pseudo-random bytes in 1 MiB blocks; return their SHA-256."""
+    rng = random.Random(seed)
+    digest = hashlib.sha256()
+    left = total
+    while left:
+        block = rng.randbytes(min(MIB, left))
+        digest.update(block)
+        sock.sendall(block)
+        left -= len(block)
+    return digest.hexdigest()
+
+
+def receive_sha256(sock: socket.socket) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    total = 0
+    buffer = bytearray(MIB)
+    view = memoryview(buffer)
+    while n := sock.recv_into(view):
+        digest.update(view[:n])
+        total += n
+    return total, digest.hexdigest()
+
+
+def exchange(sock: socket.socket, total: int, seed: int) -> tuple[str, tuple[int, str]]:
+    """Send `total` bytes and half-close while receiving until EOF; (sent, received)."""
+    sent: list[str] = []
+
+    def send() -> None:
+        sent.append(send_random(sock, total, seed))
+        sock.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    received = receive_sha256(sock)
+    sender.join()
+    return sent[0], received
+
+
+def bulk_peer(results: list[Any], total: int, seed: int) -> Callable[[socket.socket], None]:
+    """An upstream that answers a 4-byte ping, then sends `total` bytes while it hashes all
+    it receives."""
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(recv_exactly(conn, 4))
+        results.append(exchange(conn, total, seed))
+    return handle
+
+
+def spliced(relay: Relay) -> list[bool]:
+    return [c.spliced for c in relay.closed  # type: ignore[attr-defined]
+            if isinstance(c, SockmapConnection)]
+
+
+# -- what only the sockmap path has -----------------------------------------------------------
+
+def test_sockmap_moves_256_mib_each_way_intact_and_counts_it(start_relay, upstreams):
+    total = 256 * MIB
+    results: list[Any] = []
+    server = upstreams(bulk_peer(results, total, seed=7))
+    relay = start_relay([route_to(server.address)])
+    with relay.connect(timeout=60) as client:
+        assert round_trip_ping(client)  # the pair is joined by now
+        sent, received = exchange(client, total, seed=8)
+    relay.wait_idle(20)
+    server.join()
+    assert not server.errors
+    (down_sent, up_received), = results
+    assert received == (total, down_sent)
+    assert up_received == (total, sent)
+    assert spliced(relay) == [True]
+    connection, = relay.closed  # type: ignore[attr-defined]
+    assert (connection.bytes_from_client, connection.bytes_from_upstream) == (total + 4,
+                                                                              total + 4)
+
+
+def round_trip_ping(client: socket.socket) -> bool:
+    """One echo exchange: after it, the relay has joined the pair."""
+    client.sendall(b"ping")
+    return recv_exactly(client, 4) == b"ping"
+
+
+def test_many_concurrent_flows_each_arrive_intact(start_relay, upstreams):
+    flows, total = 32, 4 * MIB
+    server = upstreams(echo, backlog=flows)
+    relay = start_relay([route_to(server.address)])
+    outcomes: dict[int, tuple[str, tuple[int, str]]] = {}
+    errors: list[BaseException] = []
+
+    def flow(index: int) -> None:
+        try:
+            with relay.connect(timeout=60) as client:
+                outcomes[index] = exchange(client, total, seed=index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=flow, args=(i,)) for i in range(flows)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not errors
+    assert len(outcomes) == flows
+    for sent, received in outcomes.values():
+        assert received == (total, sent)  # the echo: exactly what was sent, in order
+    relay.wait_idle(10)
+    assert len(relay.closed) == flows  # type: ignore[attr-defined]
+    assert sum(spliced(relay)) >= 1
+
+
+def test_bytes_sent_before_the_pair_is_joined_arrive_first(start_relay, upstreams):
+    # The client writes before the relay has even connected upstream, and then waits: the
+    # bytes are queued on the socket before it enters the map, and no later segment would
+    # wake the program up for them.
+    server = upstreams(echo)
+    relay = start_relay([route_to(server.address)])
+    with relay.connect() as client:
+        payload = random.randbytes(100_000)
+        client.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            chunk = client.recv(65536)
+            assert chunk
+            received += chunk
+        assert received == payload
+        assert round_trip_ping(client)  # and the joined pair carries what follows
+    relay.wait_idle()
+
+
+def test_upstream_that_speaks_first_is_heard(start_relay, upstreams):
+    def banner(conn: socket.socket) -> None:
+        conn.sendall(b"220 ready\r\n")
+        echo(conn)
+
+    server = upstreams(banner)
+    relay = start_relay([route_to(server.address)])
+    with relay.connect() as client:
+        assert recv_exactly(client, 11) == b"220 ready\r\n"
+        assert round_trip_ping(client)
+    relay.wait_idle()
+    assert spliced(relay) == [True]
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "connection closed early"
+        data += chunk
+    return data
+
+
+def test_half_close_after_joining_reaches_the_upstream_and_the_answer_follows(start_relay,
+                                                                               upstreams):
+    def answer_after_eof(conn: socket.socket) -> None:
+        conn.sendall(conn.recv(4))
+        request = recv_all(conn)
+        conn.sendall(b"got " + request + b" " + b"x" * 300_000)
+
+    server = upstreams(answer_after_eof)
+    relay = start_relay([route_to(server.address)])
+    with relay.connect() as client:
+        assert round_trip_ping(client)
+        client.sendall(b"question")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b"got question " + b"x" * 300_000
+    relay.wait_idle()
+    assert spliced(relay) == [True]
+
+
+def test_client_reset_after_joining_resets_the_upstream(start_relay, upstreams):
+    outcome: list[BaseException | bytes] = []
+
+    def wait_for_end(conn: socket.socket) -> None:
+        conn.sendall(conn.recv(4))
+        try:
+            outcome.append(recv_all(conn))
+        except OSError as exc:
+            outcome.append(exc)
+
+    server = upstreams(wait_for_end)
+    relay = start_relay([route_to(server.address)])
+    client = relay.connect()
+    assert round_trip_ping(client)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    client.close()
+    relay.wait_idle()
+    server.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionResetError)
+
+
+def test_copy_setting_accepts_the_four_paths_and_rejects_others():
+    for path in ("auto", "sockmap", "splice", "userspace"):
+        config = GatewayConfig.model_validate({"gateway": {"stream_proxy": {"copy": path}}})
+        assert config.gateway.stream_proxy.copy_path == path
+    with pytest.raises(ValueError, match="copy"):
+        GatewayConfig.model_validate({"gateway": {"stream_proxy": {"copy": "kernel"}}})
+
+
+FALLBACK_PROGRAM = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+from sluicegate.stream.routes import StreamRouteTable
+from sluicegate.stream.tcp import StreamServer
+print(StreamServer(StreamRouteTable([]), copy=sys.argv[1]).copy_path)
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing")
+def test_without_bpf_privilege_sockmap_falls_back_to_splice_with_one_log_line():
+    # An unprivileged process can't load BPF: a real reason for the object not to load.
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+         "-c", FALLBACK_PROGRAM, "sockmap"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "splice"
+    lines = [line for line in result.stderr.splitlines() if "sockmap" in line]
+    assert len(lines) == 1
+    assert "sockmap unavailable" in lines[0] and "using splice" in lines[0]
+
+
+
+# -- the intercepted (handle: tcp) path, in a client — gateway — server rig -------------------
+
+ECHO_SERVER = """
+import socket, sys, threading
+listener = socket.socket(socket.AF_INET6)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+listener.bind(("::", int(sys.argv[1])))
+listener.listen(16)
+def serve(conn):
+    with conn:
+        while data := conn.recv(1 << 20):
+            conn.sendall(data)
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+SHA_CLIENT = """
+import hashlib, json, random, socket, sys, threading
+host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sock = socket.create_connection((host, port), timeout=60)
+sent = hashlib.sha256()
+def send():
+    rng = random.Random(total)
+    left = total
+    while left:
+        block = rng.randbytes(min(1 << 20, left))
+        sent.update(block)
+        sock.sendall(block)
+        left -= len(block)
+    sock.shutdown(socket.SHUT_WR)
+sender = threading.Thread(target=send)
+sender.start()
+received, count = hashlib.sha256(), 0
+while data := sock.recv(1 << 20):
+    received.update(data)
+    count += len(data)
+sender.join()
+print(json.dumps({"sent": sent.hexdigest(), "received": received.hexdigest(), "count": count}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["tproxy", "ebpf"])
+def test_intercepted_tcp_on_the_sockmap_path_arrives_intact_both_ways(rig: Rig, bpffs, mode):
+    # `bpffs` isolates the eBPF interception's pins; the sockmap programs are not pinned.
+    import intercept.test_ebpf as ebpf_tests
+    import intercept.test_gateway_tproxy as tproxy_tests
+
+    rig.start_in(rig.server, [PYTHON, "-c", ECHO_SERVER, "80"])
+    rig.server.wait_listening(80)
+    if mode == "ebpf":
+        config = ebpf_tests.seed(handle="tcp")
+        start = ebpf_tests.start_gateway
+    else:
+        config = tproxy_tests.seed(handle="tcp")
+        start = tproxy_tests.start_l4_gateway
+    config["gateway"] = {"stream_proxy": {"copy": "sockmap"}}
+    start(rig, config)
+    total = 64 * MIB
+    for host in (rig.server_v4, rig.server_v6):
+        result = rig.client.python(SHA_CLIENT, host, "80", str(total), timeout=120)
+        outcome = json.loads(result.stdout)
+        assert outcome["count"] == total
+        assert outcome["received"] == outcome["sent"]
+    log = (rig.workdir / ("gateway.log" if mode == "ebpf" else "l4.log")).read_text()
+    assert "stream copy: sockmap" in log and "sockmap unavailable" not in log, log
