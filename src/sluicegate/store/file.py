@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import json
 import logging
 import os
 import tempfile
@@ -104,11 +106,12 @@ class FileStore(ConfigStore):
         self.stale = False
         self._state: StoreState | None = None
         self._signature: Signature | None = None
+        self._parsed: tuple[Signature | None, dict[str, Any]] | None = None
         self._changed = asyncio.Event()  # set by put/delete: watchers yield without a poll
 
     def _read(self) -> StoreState:
         signature = _signature(self.path)
-        data = read_config_file(self.path)
+        data = self._parse()
         state = self._state_from(data)
         self._signature = signature
         self._confirm()
@@ -219,7 +222,7 @@ class FileStore(ConfigStore):
         parse is not overwritten: ConfigError."""
         if not os.access(self.path, os.R_OK):
             raise StoreError(f"{self.path}: cannot read the config file")
-        return read_config_file(self.path)
+        return self._parse()
 
     def _write(self, data: dict[str, Any]) -> StoreState:
         """Replace the file atomically: readers see the old file or the new one, whole."""
@@ -249,5 +252,19 @@ class FileStore(ConfigStore):
             os.close(directory)
         state = self._state_from(data)
         self._signature = _signature(self.path)
+        self._parsed = (self._signature, data)
         self._confirm()
         return state
+
+    def _parse(self) -> dict[str, Any]:
+        """The file's data, parsed again only when its signature changed: an Admin API
+        write would otherwise parse the file twice (load, then put) on top of writing it —
+        most of a write's cost (profile). Callers get their own copy to change."""
+        signature = _signature(self.path)
+        if self._parsed is None or self._parsed[0] != signature or signature is None:
+            self._parsed = (signature, read_config_file(self.path))
+        data = self._parsed[1]
+        try:
+            return json.loads(json.dumps(data))  # a deep copy, in C
+        except (TypeError, ValueError):  # YAML-only values (dates...): the slow way
+            return copy.deepcopy(data)
