@@ -89,8 +89,12 @@ def start_gateway(workdir: Path, config: dict[str, Any], extra_args: list[str] |
     config = {**config, "admin": {"key": ADMIN_KEY, "listen": f"127.0.0.1:{free_port()}"}}
     gateway = Gateway(workdir, config, extra_args=extra_args)
     gateway.admin_port = int(config["admin"]["listen"].rsplit(":", 1)[1])  # type: ignore[attr-defined]
-    pin(gateway.process.pid, PROXY_CPU)
-    wait_for_port(gateway.admin_port, process=gateway.process)  # type: ignore[attr-defined]
+    try:
+        pin(gateway.process.pid, PROXY_CPU)
+        wait_for_port(gateway.admin_port, process=gateway.process)  # type: ignore[attr-defined]
+    except BaseException:
+        gateway.stop()  # no gateway left running when the bench stops here
+        raise
     return gateway
 
 
