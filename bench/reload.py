@@ -144,7 +144,11 @@ async def churn(admin_port: int, backend: str, stop_at: float) -> tuple[int, int
 def measure_churn(workdir: Path, args: argparse.Namespace, out: Path) -> list[str]:
     nginx = Nginx(workdir / "nginx")
     pin(nginx.process.pid, LOAD_CPU)
-    gateway = start_gateway(workdir, gateway_config(nginx.address))
+    try:
+        gateway = start_gateway(workdir, gateway_config(nginx.address))
+    except BaseException:
+        nginx.stop()
+        raise
     rows: dict[str, list[dict[str, float]]] = {"no churn": [], "100 changes/s": []}
     try:
         wrk(gateway.url + "/", 2, out / "warmup.txt")
