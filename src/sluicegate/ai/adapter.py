@@ -208,6 +208,24 @@ STATUS_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 MAX_ERROR_MESSAGE = 2000
 
 
+def joined_text_parts(content: Any, param: str, *, joiner: str, parts_only: str,
+                      shape: str = "content must be a string or a list of parts") -> str:
+    """The text of message content given as a string or as a list of text parts, joined
+    with `joiner`; any other part is refused (AdapterError naming `param[i]`, with the
+    provider's reason `parts_only`)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for index, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" \
+                    or not isinstance(part.get("text"), str):
+                raise AdapterError(parts_only, param=f"{param}[{index}]")
+            texts.append(part["text"])
+        return joiner.join(texts)
+    raise AdapterError(shape, param=param)
+
+
 def error_type_for(status: int) -> str:
     return STATUS_ERROR_TYPES.get(status, "api_error" if status >= 500 else
                                   "invalid_request_error")

@@ -35,6 +35,7 @@ from sluicegate.ai.adapter import (
     Usage,
     chunk_template,
     error_type_for,
+    joined_text_parts,
     openai_error,
     plain_error_text,
 )
@@ -107,17 +108,8 @@ def _url(target: ProviderTarget, path: str, extra: list[tuple[str, str]] | None 
 
 def _text_of(content: Any, param: str) -> str:
     """The text of a system message (a string, or text parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for index, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" \
-                    or not isinstance(part.get("text"), str):
-                raise _fail("a system message takes text parts only", f"{param}[{index}]")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise _fail("content must be a string or a list of parts", param)
+    return joined_text_parts(content, param, joiner="\n",
+                             parts_only="a system message takes text parts only")
 
 
 def _image_part(part: JsonObject, param: str) -> JsonObject:

@@ -49,6 +49,7 @@ from sluicegate.ai.adapter import (
     Usage,
     chunk_template,
     error_type_for,
+    joined_text_parts,
     openai_error,
     plain_error_text,
 )
@@ -211,17 +212,8 @@ def model_endpoint(model: str) -> str:
 
 
 def _text(content: Any, param: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for index, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" \
-                    or not isinstance(part.get("text"), str):
-                raise _fail("wenxin takes text content only", f"{param}[{index}]")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise _fail("content must be a string or a list of text parts", param)
+    return joined_text_parts(content, param, joiner="", parts_only="wenxin takes text content only",
+                             shape="content must be a string or a list of text parts")
 
 
 def to_chat_request(body: JsonObject) -> JsonObject:
