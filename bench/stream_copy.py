@@ -119,14 +119,14 @@ def role_relay(args: argparse.Namespace) -> None:
     SIGTERM."""
     import uvloop
 
-    from sluicegate.stream import tcp
+    from sluicegate.stream import copy_relay, splice_relay, tcp
     from sluicegate.stream.routes import StreamRoute, StreamRouteTable, StreamUpstream
 
     pin(args.cpu)
     if args.pipe_bytes:
-        tcp.SPLICE_PIPE_BYTES = args.pipe_bytes
+        splice_relay.SPLICE_PIPE_BYTES = args.pipe_bytes
     if args.write_buffer_high:
-        tcp.COPY_WRITE_BUFFER_HIGH = args.write_buffer_high
+        copy_relay.COPY_WRITE_BUFFER_HIGH = args.write_buffer_high
 
     async def serve() -> None:
         upstream = StreamUpstream.from_nodes([("127.0.0.1", args.port)])

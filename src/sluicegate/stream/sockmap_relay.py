@@ -53,12 +53,9 @@ from typing import Any
 
 from sluicegate.bpf.libbpf import BpfError
 from sluicegate.http.clock import CLOCK
-from sluicegate.stream.tcp import (
-    CopyConnection,
-    SpliceConnection,
-    StreamConnection,
-    splice_available,
-)
+from sluicegate.stream.connection import StreamConnection
+from sluicegate.stream.copy_relay import CopyConnection
+from sluicegate.stream.splice_relay import SpliceConnection, splice_available
 
 __all__ = ["COPY_PATHS", "SockmapConnection", "connection_class_for"]
 

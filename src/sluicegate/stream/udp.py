@@ -36,8 +36,8 @@ from typing import Any
 
 from sluicegate.http.balancer import UpstreamNode
 from sluicegate.http.clock import CLOCK
+from sluicegate.stream.connection import literal_family, resolve
 from sluicegate.stream.routes import StreamContext, StreamRoute, StreamRouteTable
-from sluicegate.stream.tcp import _literal_family, _resolve
 
 __all__ = [
     "DEFAULT_UDP_IDLE_TIMEOUT",
@@ -354,7 +354,7 @@ class UdpProxy:
         session.node = node
         if upstream is not None:
             upstream.balancer.on_request_start(node)
-        family = _literal_family(node.host)
+        family = literal_family(node.host)
         if family:
             sock = self._connect(node, family, (node.host, node.port), client)
             if sock is None:
@@ -388,7 +388,7 @@ class UdpProxy:
 
     async def _resolve_then_attach(self, session: UdpSession, node: UpstreamNode) -> None:
         try:
-            family, sockaddr = await _resolve(self.loop, node.host, node.port,
+            family, sockaddr = await resolve(self.loop, node.host, node.port,
                                               socket.SOCK_DGRAM)
         except OSError as exc:
             log.info("udp upstream %s does not resolve: %s", node.address, exc)
