@@ -37,8 +37,14 @@ name in `ADAPTERS`; unit tests feed the adapter bytes and JSON.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Protocol
+import json
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from sluicegate.proto.sse import SseError
+
+if TYPE_CHECKING:
+    from sluicegate.proto.sse import SseEvent, SseParser
 
 # provider name -> "module:attribute" of its adapter object (imported on first use).
 ADAPTERS: dict[str, str] = {
@@ -252,3 +258,24 @@ def usage_from_openai(usage: Any) -> Usage | None:
 
 def chunk_template(id: str, model: str, created: int) -> JsonObject:
     return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model}
+
+
+def json_events(parser: SseParser, data: bytes) -> list[tuple[SseEvent, JsonObject]]:
+    """The complete SSE events in `data` (with what the parser held back), each with its
+    `data:` parsed as a JSON object. A broken stream or an event that is not a JSON object
+    ends the stream: StreamError."""
+    try:
+        events = parser.feed(data)
+    except SseError as exc:
+        raise StreamError(openai_error(f"provider stream: {exc}", "api_error")) from None
+    parsed: list[tuple[SseEvent, JsonObject]] = []
+    for event in events:
+        try:
+            payload = json.loads(event.data)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            raise StreamError(openai_error("provider sent a malformed stream event",
+                                           "api_error"))
+        parsed.append((event, payload))
+    return parsed

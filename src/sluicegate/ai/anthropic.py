@@ -19,10 +19,11 @@ from sluicegate.ai.adapter import (
     Usage,
     chunk_template,
     error_type_for,
+    json_events,
     openai_error,
     plain_error_text,
 )
-from sluicegate.proto.sse import SseError, SseParser
+from sluicegate.proto.sse import SseParser
 
 # The API version header every request needs (the current and only stable version).
 ANTHROPIC_VERSION = "2023-06-01"
@@ -223,19 +224,8 @@ class AnthropicStream:
         return chunk
 
     def feed(self, data: bytes) -> list[JsonObject]:
-        try:
-            events = self.parser.feed(data)
-        except SseError as exc:
-            raise StreamError(openai_error(f"provider stream: {exc}", "api_error")) from None
         chunks: list[JsonObject] = []
-        for event in events:
-            try:
-                payload = json.loads(event.data)
-            except ValueError:
-                payload = None
-            if not isinstance(payload, dict):
-                raise StreamError(openai_error("provider sent a malformed stream event",
-                                               "api_error"))
+        for event, payload in json_events(self.parser, data):
             kind = payload.get("type", event.event)
             if kind == "content_block_delta":
                 delta = payload.get("delta") or {}

@@ -36,10 +36,11 @@ from sluicegate.ai.adapter import (
     chunk_template,
     error_type_for,
     joined_text_parts,
+    json_events,
     openai_error,
     plain_error_text,
 )
-from sluicegate.proto.sse import SseError, SseParser
+from sluicegate.proto.sse import SseParser
 
 # Gemini finishReason -> OpenAI finish_reason. Every safety-type stop is `content_filter`
 # (what OpenAI reports when its own filter cut the answer); reasons OpenAI has no word for
@@ -278,19 +279,8 @@ class GeminiStream:
         return chunk
 
     def feed(self, data: bytes) -> list[JsonObject]:
-        try:
-            events = self.parser.feed(data)
-        except SseError as exc:
-            raise StreamError(openai_error(f"provider stream: {exc}", "api_error")) from None
         chunks: list[JsonObject] = []
-        for event in events:
-            try:
-                payload = json.loads(event.data)
-            except ValueError:
-                payload = None
-            if not isinstance(payload, dict):
-                raise StreamError(openai_error("provider sent a malformed stream event",
-                                               "api_error"))
+        for event, payload in json_events(self.parser, data):
             if "error" in payload:
                 raise StreamError(error_object(500, event.data.encode()))
             chunks += self._event(payload)

@@ -50,10 +50,11 @@ from sluicegate.ai.adapter import (
     chunk_template,
     error_type_for,
     joined_text_parts,
+    json_events,
     openai_error,
     plain_error_text,
 )
-from sluicegate.proto.sse import SseError, SseParser
+from sluicegate.proto.sse import SseParser
 
 TOKEN_PATH = "/oauth/2.0/token"
 CHAT_PATH = "/rpc/2.0/ai_custom/v1/wenxinworkshop/chat/"
@@ -366,19 +367,8 @@ class WenxinStream:
                 return []
             self.plain = None
             data = body
-        try:
-            events = self.parser.feed(data)
-        except SseError as exc:
-            raise StreamError(openai_error(f"provider stream: {exc}", "api_error")) from None
         chunks: list[JsonObject] = []
-        for event in events:
-            try:
-                payload = json.loads(event.data)
-            except ValueError:
-                payload = None
-            if not isinstance(payload, dict):
-                raise StreamError(openai_error("provider sent a malformed stream event",
-                                               "api_error"))
+        for _, payload in json_events(self.parser, data):
             self._raise_for(payload)
             chunks += self._event(payload)
         return chunks
