@@ -29,3 +29,12 @@ def openai_gateway(start_gateway: Any, fake_llm: FakeLLM) -> Any:
 def anthropic_gateway(start_gateway: Any, fake_llm: FakeLLM) -> Any:
     """A gateway whose /v1/* answers from the fake provider speaking Anthropic."""
     return start_gateway(ai_config(ai_route("anthropic", f"{fake_llm.url}/v1")))
+
+
+@pytest.fixture
+def fake_llms() -> Iterator[list[FakeLLM]]:
+    """Three fake providers (for ai-proxy-multi), each on its own port."""
+    fakes = [FakeLLM(api_key=PROVIDER_KEY).start() for _ in range(3)]
+    yield fakes
+    for fake in fakes:
+        fake.stop()

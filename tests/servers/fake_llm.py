@@ -22,6 +22,11 @@ The answer is `echo: <last user text>`. The model name picks a behaviour:
     fake-tools      answers with a call of the first tool, arguments {"city": "Paris"}
     any other name starting with fake-, gpt- or claude-: the normal answer;
     anything else   404 model not found, in the provider's shape.
+A test may also set `fault` to make every chat request (OpenAI or Anthropic path) fail,
+whatever the model: "429" (with `Retry-After: <retry_after>`), "500", "hang" (60 s before
+answering), "close" (the connection is closed before any answer), "empty-stream" (a stream
+head, then the connection is closed before any event). `None` (the default) restores the
+normal behaviour.
 With `api_key`, OpenAI paths need `Authorization: Bearer KEY`, Anthropic paths `x-api-key`.
 Every request is recorded (`requests`); streams the reader left are counted (`cancelled`).
 """
@@ -84,6 +89,8 @@ class FakeLLM:
         self.port = port
         self.requests: list[Recorded] = []
         self.cancelled = 0  # streams whose reader went away before the end
+        self.fault: str | None = None  # see the module docstring
+        self.retry_after = "7"
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -205,12 +212,45 @@ class FakeLLM:
             raise
         return response
 
+    def chat_count(self) -> int:
+        """Chat requests received (OpenAI and Anthropic paths)."""
+        with self._lock:
+            return sum(1 for r in self.requests
+                       if r.path in ("/v1/chat/completions", "/v1/messages"))
+
+    async def _fault(self, request: web.Request) -> web.StreamResponse | None:
+        """The answer of the test-set `fault`, None without one."""
+        fault = self.fault
+        if fault is None:
+            return None
+        if fault == "429":
+            return web.json_response({"error": {
+                "message": "Rate limit reached (fault injected)", "type": "requests",
+                "param": None, "code": "rate_limit_exceeded"}},
+                status=429, headers={"Retry-After": self.retry_after})
+        if fault == "500":
+            return web.json_response({"error": {
+                "message": "The server had an error (fault injected)", "type": "server_error",
+                "param": None, "code": None}}, status=500)
+        if fault == "hang":
+            await asyncio.sleep(60)
+            return web.json_response({"error": {"message": "too late"}}, status=500)
+        if fault == "empty-stream":
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+        assert request.transport is not None  # "close", "empty-stream"
+        request.transport.abort()
+        return web.Response()
+
     # -- OpenAI ------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)
         denied = self._openai_auth(request)
         if denied is not None:
             return denied
+        faulty = await self._fault(request)
+        if faulty is not None:
+            return faulty
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return web.json_response({"error": {
                 "message": "'messages' is a required property", "type": "invalid_request_error",
@@ -346,6 +386,9 @@ class FakeLLM:
         denied = self._anthropic_auth(request)
         if denied is not None:
             return denied
+        faulty = await self._fault(request)
+        if faulty is not None:
+            return faulty
 
         def invalid(message: str, status: int = 400, kind: str = "invalid_request_error",
                     headers: dict[str, str] | None = None) -> web.Response:

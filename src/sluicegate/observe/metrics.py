@@ -85,6 +85,8 @@ class MetricsStore:
         # AiLabels -> Histogram: whole request; time to the first token of a stream
         self.ai_latency: dict[tuple[str, ...], Histogram] = {}
         self.ai_ttft: dict[tuple[str, ...], Histogram] = {}
+        # AiLabels -> USD spent (plugins/ai_budget.py prices the tokens)
+        self.ai_spend: dict[tuple[str, ...], float] = {}
 
     def record(self, code: int, route: str, service: str, consumer: str, node: str,
                latency: float, upstream_latency: float, upstream_status: int,
@@ -158,6 +160,10 @@ class MetricsStore:
                 histogram = store[labels] = Histogram()
             histogram.observe(value)
 
+    def record_ai_spend(self, labels: tuple[str, str, str, str], usd: float) -> None:
+        """What one AI request cost; labels are (route, consumer, provider, model)."""
+        self.ai_spend[labels] = self.ai_spend.get(labels, 0.0) + usd
+
     def record_limit_store_error(self, plugin: str, outcome: str) -> None:
         key = (plugin, outcome)
         self.limit_store_errors[key] = self.limit_store_errors.get(key, 0) + 1
@@ -188,6 +194,7 @@ class MetricsStore:
                             for k, h in self.ai_latency.items()},
                 "ttft": {k: (list(h.buckets), h.count, h.total)
                          for k, h in self.ai_ttft.items()},
+                "spend": dict(self.ai_spend),
             },
         }
 
@@ -224,7 +231,7 @@ def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
                                                  strict=True)]
         _merge_histograms(merged["latency"], snap["latency"])
         ai = merged.setdefault("ai", {"requests": {}, "errors": {}, "tokens": {},
-                                      "latency": {}, "ttft": {}})
+                                      "latency": {}, "ttft": {}, "spend": {}})
         for name, section in snap.get("ai", {}).items():
             if name in ("latency", "ttft"):
                 _merge_histograms(ai[name], section)
@@ -411,6 +418,13 @@ def _ai_families(ai: dict[str, Any]) -> Iterator[Any]:
                                  "token sent to the client", labels=AI_LABELS)
     _add_histograms(ttft, ai.get("ttft", {}))
     yield ttft
+    spend = CounterMetricFamily(
+        "sluicegate_ai_spend_usd",
+        "USD spent on AI requests, from the token figures and ai-budget's price table",
+        labels=AI_LABELS)
+    for key, value in sorted(ai.get("spend", {}).items()):
+        spend.add_metric(list(key), value)
+    yield spend
 
 
 def _http_logger_families(counts: dict[tuple[str, str], int]) -> Iterator[Any]:
