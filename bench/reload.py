@@ -4,7 +4,9 @@ Three measurements, each side by side with its reference in one run:
 
 1. churn:  wrk on one route through sluicegate, with and without 100 Admin API changes per
            second (routes and upstreams PUT alternately, none touching the measured route):
-           req/s, p99, non-2xx and socket errors; ratio churn / no churn. Interleaved RUNS.
+           req/s, p99, non-2xx and socket errors; ratio churn / no churn; changes done per
+           second while wrk ran. Interleaved RUNS. `--store etcd`: the gateway keeps its
+           resources in etcd (started as in part 2) instead of its config file.
 2. etcd:   two gateways on one etcd; CHANGES routes PUT through gateway A's Admin API, each
            timed until gateway B serves it (B polled over one keep-alive connection):
            p50/p99/max propagation.
@@ -15,7 +17,7 @@ gateway under test alone on PROXY_CPU. Results are printed as Markdown; raw wrk 
 to OUT.
 
 Usage: .venv/bin/python bench/reload.py [--duration 10] [--runs 3] [--changes 1000]
-       [--only churn,etcd,redis]
+       [--only churn,etcd,redis] [--store file|etcd]
 Needs: nginx, wrk, etcd (Debian etcd-server), redis-server, the venv with sluicegate.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import os
 import re
 import shutil
@@ -98,9 +101,10 @@ def start_gateway(workdir: Path, config: dict[str, Any], extra_args: list[str] |
     return gateway
 
 
-async def churn(admin_port: int, backend: str, stop_at: float) -> tuple[int, int]:
+async def churn(admin_port: int, backend: str, stop_at: float) -> tuple[int, int, float]:
     """PUT a route or an upstream CHURN_PER_SECOND times a second until stop_at, without
-    waiting for one change to finish before the next starts (up to 32 in flight)."""
+    waiting for one change to finish before the next starts (up to 32 in flight): changes
+    done, failed, and the seconds that took."""
     base = f"http://127.0.0.1:{admin_port}/apisix/admin"
     host, port = backend.rsplit(":", 1)
     counts = [0, 0]  # done, failed
@@ -138,19 +142,28 @@ async def churn(admin_port: int, backend: str, stop_at: float) -> tuple[int, int
             if delay > 0:
                 await asyncio.sleep(delay)
         await asyncio.gather(*tasks)
-    return counts[0], counts[1]
+    return counts[0], counts[1], time.monotonic() - start
 
 
 def measure_churn(workdir: Path, args: argparse.Namespace, out: Path) -> list[str]:
     nginx = Nginx(workdir / "nginx")
     pin(nginx.process.pid, LOAD_CPU)
+    etcd = None
     try:
-        gateway = start_gateway(workdir, gateway_config(nginx.address))
+        config, extra_args = gateway_config(nginx.address), None
+        if args.store == "etcd":
+            etcd, port = start_etcd(workdir)
+            config, extra_args = {}, ["--store", f"etcd://127.0.0.1:{port}/churn"]
+        gateway = start_gateway(workdir, config, extra_args)
     except BaseException:
         nginx.stop()
+        if etcd is not None:
+            stop(etcd)
         raise
     rows: dict[str, list[dict[str, float]]] = {"no churn": [], "100 changes/s": []}
     try:
+        if args.store == "etcd":  # the file's resources are ignored: the same ones, in etcd
+            asyncio.run(put_resources(gateway.admin_port, gateway_config(nginx.address)))
         wrk(gateway.url + "/", 2, out / "warmup.txt")
         for run in range(args.runs):
             for case in rows:
@@ -158,32 +171,52 @@ def measure_churn(workdir: Path, args: argparse.Namespace, out: Path) -> list[st
                 if case == "no churn":
                     rows[case].append(wrk(gateway.url + "/", args.duration, path))
                     continue
-                loop = asyncio.new_event_loop()
                 stop_at = time.monotonic() + args.duration + 1
-                task = loop.create_task(churn(gateway.admin_port, nginx.address, stop_at))
-                loop.run_until_complete(asyncio.sleep(0.5))
-                result = wrk(gateway.url + "/", args.duration, path)
-                done, failed = loop.run_until_complete(task)
-                loop.close()
+                # The changes come from a thread with its own event loop: wrk below blocks
+                # this one, and changes queued behind it would all be sent after wrk ended.
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    changes = pool.submit(asyncio.run, churn(gateway.admin_port, nginx.address,
+                                                             stop_at))
+                    time.sleep(0.5)
+                    result = wrk(gateway.url + "/", args.duration, path)
+                    done, failed, took = changes.result()
                 result["changes"], result["change_failures"] = done, failed
+                result["changes_per_s"] = done / took
                 rows[case].append(result)
     finally:
         gateway.stop()
         nginx.stop()
+        if etcd is not None:
+            stop(etcd)
     base = statistics.median(r["rps"] for r in rows["no churn"])
     base_p99 = statistics.median(r["p99_ms"] for r in rows["no churn"])
-    lines = ["| case | req/s (median) | ratio | p99 ms | p99 ratio | non-2xx | socket errors "
-             "| changes applied (failed) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"store: {args.store}", "",
+             "| case | req/s (median) | ratio | p99 ms | p99 ratio | non-2xx | socket errors "
+             "| changes applied (failed) | changes/s (median) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for case, results in rows.items():
         rps = statistics.median(r["rps"] for r in results)
         p99 = statistics.median(r["p99_ms"] for r in results)
-        changes = (f"{sum(int(r['changes']) for r in results)} "
-                   f"({sum(int(r['change_failures']) for r in results)})"
-                   if "changes" in results[0] else "-")
+        changes, per_second = "-", "-"
+        if "changes" in results[0]:
+            changes = (f"{sum(int(r['changes']) for r in results)} "
+                       f"({sum(int(r['change_failures']) for r in results)})")
+            per_second = f"{statistics.median(r['changes_per_s'] for r in results):.0f}"
         lines.append(f"| {case} | {rps:,.0f} | {rps / base:.2f} | {p99:.2f} | "
                      f"{p99 / base_p99:.2f} | {sum(int(r['non2xx']) for r in results)} | "
-                     f"{sum(int(r['socket_errors']) for r in results)} | {changes} |")
+                     f"{sum(int(r['socket_errors']) for r in results)} | {changes} | "
+                     f"{per_second} |")
     return lines
+
+
+async def put_resources(admin_port: int, config: dict[str, Any]) -> None:
+    """The resources of a config document, PUT through the Admin API (upstreams first)."""
+    base = f"http://127.0.0.1:{admin_port}/apisix/admin"
+    async with aiohttp.ClientSession(headers={"X-API-KEY": ADMIN_KEY}) as session:
+        for kind in ("upstreams", "routes"):
+            for item in config.get(kind, []):
+                async with session.put(f"{base}/{kind}/{item['id']}", json=item) as response:
+                    assert response.status < 300, await response.text()
 
 
 def start_etcd(workdir: Path) -> tuple[subprocess.Popen[Any], int]:
@@ -307,6 +340,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--changes", type=int, default=1000)
     parser.add_argument("--only", default="churn,etcd,redis")
+    parser.add_argument("--store", choices=("file", "etcd"), default="file",
+                        help="where the churn part's gateway keeps its resources")
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(os.environ.get("OUT") or f"/tmp/sluicegate-bench/reload-{stamp}")

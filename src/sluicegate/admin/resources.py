@@ -3,8 +3,8 @@
 Every change is applied to the current whole document (`StoreState.document()`) and the
 result runs through `validate_config`, the file loader's validator: what the Admin API
 accepts, a config file with the same content would load, and the reverse. Only then is the
-store written. Values are stored as sent (plus their id), so a GET returns what was PUT,
-as in APISIX.
+store written, changes that arrive together in one write (see `Resources`). Values are
+stored as sent (plus their id), so a GET returns what was PUT, as in APISIX.
 """
 
 from __future__ import annotations
@@ -12,12 +12,22 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sluicegate.config.load import ConfigError, validate_config
 from sluicegate.config.tls import PEM_MARKER
-from sluicegate.store.base import RESOURCE_KINDS, ConfigStore, StoredItem, StoreState, id_field
+from sluicegate.store.base import (
+    RESOURCE_KINDS,
+    ConfigStore,
+    StoredItem,
+    StoreError,
+    StoreState,
+    Write,
+    id_field,
+)
 
 # Who refers to whom: a referenced resource cannot be deleted (APISIX refuses it too).
 # kind → [(referring kind, referring field)]
@@ -29,6 +39,9 @@ REFERENCES: dict[str, list[tuple[str, str]]] = {
     "consumer_groups": [("consumers", "group_id")],
 }
 REDACTED = "<redacted>"
+# How long one commit checks queued changes (validate_config each, ~0.2 ms for 60
+# resources) before it lets the event loop run the requests this process serves.
+CHECK_SLICE = 0.005
 
 
 @dataclass
@@ -115,13 +128,81 @@ def set_sub_path(value: dict[str, Any], sub_path: str, new: Any) -> dict[str, An
     return result
 
 
+class Draft:
+    """The resources as the batch being committed has changed them so far: each queued
+    change is checked against it, exactly as if it had waited for the previous write."""
+
+    __slots__ = ("base", "items")
+
+    def __init__(self, state: StoreState) -> None:
+        self.base = state.base
+        # kind → id → value, in the store's order (a replaced item keeps its place)
+        self.items: dict[str, dict[str, dict[str, Any]]] = {
+            kind: {item_id: item.value for item_id, item in found.items()}
+            for kind, found in state.items.items()}
+
+    def get(self, kind: str, item_id: str) -> dict[str, Any] | None:
+        return self.items.get(kind, {}).get(item_id)
+
+    def ids(self, kind: str) -> list[str]:
+        return list(self.items.get(kind, {}))
+
+    def document(self, change: Write | None = None) -> tuple[dict[str, Any], int | None]:
+        """The config document with `change` applied, and the index of the changed item in
+        its list (None for a delete): what `validate_config` takes."""
+        doc = {key: value for key, value in self.base.items() if key not in RESOURCE_KINDS}
+        index = None
+        for kind in RESOURCE_KINDS:
+            found = self.items.get(kind, {})
+            if change is not None and change.kind == kind:
+                if change.value is None:
+                    doc[kind] = [value for item_id, value in found.items()
+                                 if item_id != change.id]
+                    continue
+                found = {**found, change.id: change.value}
+                index = list(found).index(change.id)
+            if found:
+                doc[kind] = list(found.values())
+        return doc, index
+
+    def apply(self, change: Write) -> None:
+        found = self.items.setdefault(change.kind, {})
+        if change.value is None:
+            found.pop(change.id, None)
+        else:
+            found[change.id] = change.value
+
+
+# A queued change: given the draft, the write to make (AdminError: refused) and how to
+# answer the request once the store holds it.
+Answer = Callable[[StoredItem | None], Any]
+Plan = Callable[[Draft], tuple[Write, Answer]]
+
+
+class _Queued:
+    __slots__ = ("done", "plan")
+
+    def __init__(self, plan: Plan, done: asyncio.Future[Any]) -> None:
+        self.plan = plan
+        self.done = done
+
+
 class Resources:
-    """The resource operations of the Admin API over one store. Writes are serialised: each
-    one validates against the state it then changes."""
+    """The resource operations of the Admin API over one store.
+
+    Writes are serialised by group commit: a change queues; one committer task takes every
+    queued change, checks each one in arrival order against the state the changes before
+    it leave (its own 400 with the field path when it is invalid, without sinking the
+    others), then writes all the accepted ones to the store at once — one file rewrite and
+    fsync, one etcd txn — and answers each request with its own item. With writes one at a
+    time, under load every write waited one whole event-loop turn for the lock and did
+    its own fsync: ~42 changes/s. A delete ends a batch, so the changes after it see the
+    file store's positional ids as they are after it."""
 
     def __init__(self, store: ConfigStore) -> None:
         self.store = store
-        self.write_lock = asyncio.Lock()
+        self._queue: deque[_Queued] = deque()
+        self._committer: asyncio.Task[None] | None = None
         self._last_generated = 0
 
     @staticmethod
@@ -162,11 +243,15 @@ class Resources:
         elif given is not None and str(given) != item_id:
             raise AdminError(400, f"wrong {singular(kind)} {key_field}: the body says "
                                   f"{str(given)!r}, the path {item_id!r}")
-        async with self.write_lock:
-            state = await self.store.load()
-            created = item_id not in state.items.get(kind, {})
-            item = await self._write(state, kind, item_id, {**value, key_field: item_id})
-        return (201 if created else 200), item_body(item)
+        key = item_id
+
+        def plan(draft: Draft) -> tuple[Write, Answer]:
+            created = draft.get(kind, key) is None
+            change = self._checked(draft, Write(kind, key, {**value, key_field: key}))
+            return change, lambda item: ((201 if created else 200), _body_of(item))
+
+        result: tuple[int, dict[str, Any]] = await self._submit(plan)
+        return result
 
     async def post(self, kind: str, body: Any) -> tuple[int, dict[str, Any]]:
         """Create with an id the server picks (APISIX: POST)."""
@@ -177,11 +262,14 @@ class Resources:
             raise AdminError(405, f"{kind} are keyed by {key_field}: use PUT")
         if value.get("id") is not None:
             raise AdminError(400, "POST picks the id: leave id out, or PUT to /<id>")
-        async with self.write_lock:
-            state = await self.store.load()
-            item_id = self._new_id(state, kind)
-            item = await self._write(state, kind, item_id, {**value, "id": item_id})
-        return 201, item_body(item)
+
+        def plan(draft: Draft) -> tuple[Write, Answer]:
+            item_id = self._new_id(draft, kind)
+            change = self._checked(draft, Write(kind, item_id, {**value, "id": item_id}))
+            return change, lambda item: (201, _body_of(item))
+
+        result: tuple[int, dict[str, Any]] = await self._submit(plan)
+        return result
 
     async def patch(self, kind: str, item_id: str, body: Any,
                     sub_path: str | None = None) -> dict[str, Any]:
@@ -190,65 +278,126 @@ class Resources:
         if sub_path is None:
             self._object(body)
         key_field = id_field(kind)
-        async with self.write_lock:
-            state = await self.store.load()
-            current = state.items.get(kind, {}).get(item_id)
+
+        def plan(draft: Draft) -> tuple[Write, Answer]:
+            current = draft.get(kind, item_id)
             if current is None:
                 raise AdminError(404, f"{singular(kind)} {item_id!r} not found")
             if sub_path is None:
-                value = merge_patch(current.value, body)
+                value = merge_patch(current, body)
             else:
-                value = set_sub_path(current.value, sub_path, body)
+                value = set_sub_path(current, sub_path, body)
             if str(value.get(key_field, item_id)) != item_id:
                 raise AdminError(400, f"{key_field} cannot be changed by PATCH")
-            item = await self._write(state, kind, item_id, {**value, key_field: item_id})
-        return item_body(item)
+            change = self._checked(draft, Write(kind, item_id, {**value, key_field: item_id}))
+            return change, _body_of
+
+        result: dict[str, Any] = await self._submit(plan)
+        return result
 
     async def delete(self, kind: str, item_id: str) -> dict[str, Any]:
         self.check_kind(kind)
-        async with self.write_lock:
-            state = await self.store.load()
-            if item_id not in state.items.get(kind, {}):
+
+        def plan(draft: Draft) -> tuple[Write, Answer]:
+            if draft.get(kind, item_id) is None:
                 raise AdminError(404, f"{singular(kind)} {item_id!r} not found")
             for referrer_kind, ref_field in REFERENCES.get(kind, []):
-                for referrer in state.items.get(referrer_kind, {}).values():
-                    if str(referrer.value.get(ref_field)) == item_id:
+                for referrer_id, referrer in draft.items.get(referrer_kind, {}).items():
+                    if str(referrer.get(ref_field)) == item_id:
                         raise AdminError(400, f"can not delete this {singular(kind)}, "
-                                              f"{singular(referrer_kind)} [{referrer.id}] is "
+                                              f"{singular(referrer_kind)} [{referrer_id}] is "
                                               "still using it now")
-            document = state.document()
-            document[kind] = [item.value for item in state.items[kind].values()
-                              if item.id != item_id]
             # Whatever else could refer to it (a short-form plugin entry naming a service)
             # is found by the validator.
-            self._validate(document, kind, None)
-            await self.store.delete(kind, item_id)
-        return {"deleted": "1", "key": etcd_key(kind, item_id)}
+            change = self._checked(draft, Write(kind, item_id, None))
+            return change, lambda item: {"deleted": "1", "key": etcd_key(kind, item_id)}
 
-    async def _write(self, state: StoreState, kind: str, item_id: str,
-                     value: dict[str, Any]) -> StoredItem:
-        document = state.document()
-        current = state.items.get(kind, {})
-        values = [item.value for item in current.values()]
-        ids = list(current)
-        if item_id in current:
-            index = ids.index(item_id)
-            values[index] = value
-        else:
-            index = len(values)
-            values.append(value)
-        document[kind] = values
-        self._validate(document, kind, index)
-        return await self.store.put(kind, item_id, value)
+        result: dict[str, Any] = await self._submit(plan)
+        return result
 
-    @staticmethod
-    def _validate(document: dict[str, Any], kind: str, index: int | None) -> None:
+    # -- group commit ---------------------------------------------------------------------
+
+    async def _submit(self, plan: Plan) -> Any:
+        """Queue a change and wait for the commit that holds it (or refuses it)."""
+        loop = asyncio.get_running_loop()
+        queued = _Queued(plan, loop.create_future())
+        self._queue.append(queued)
+        if self._committer is None:
+            # Its own task: a request cancelled while waiting must not cancel a commit
+            # that holds other requests' changes.
+            self._committer = loop.create_task(self._commit_queued())
+        return await queued.done
+
+    async def _commit_queued(self) -> None:
+        try:
+            while self._queue:
+                await self._commit()
+        finally:
+            self._committer = None
+
+    async def _commit(self) -> None:
+        """Check the queued changes against the store's current state and write the
+        accepted ones as one batch."""
+        try:
+            draft = Draft(await self.store.load())
+        except Exception as exc:  # the store cannot be read: no queued change can be checked
+            while self._queue:
+                queued = self._queue.popleft()
+                if not queued.done.done():
+                    queued.done.set_exception(exc)
+            return
+        accepted: list[tuple[_Queued, Write, Answer]] = []
+        started = time.perf_counter()
+        while self._queue:
+            if time.perf_counter() - started > CHECK_SLICE:
+                # Checking a long queue holds the event loop: let the requests this process
+                # serves run (changes queued meanwhile join this batch).
+                await asyncio.sleep(0)
+                started = time.perf_counter()
+                continue
+            queued = self._queue.popleft()
+            if queued.done.done():  # its client is gone: as if it never came
+                continue
+            try:
+                change, answer = queued.plan(draft)
+            except Exception as exc:  # AdminError: refused; anything else: its own 500
+                queued.done.set_exception(exc)
+                continue
+            draft.apply(change)
+            accepted.append((queued, change, answer))
+            if change.value is None:
+                break  # see the class doc
+        if not accepted:
+            return
+        try:
+            items = await self.store.write([change for _, change, _ in accepted])
+            if len(items) != len(accepted):
+                raise StoreError(f"the store answered {len(items)} of {len(accepted)} "
+                                 "changes")
+        except Exception as exc:  # the store failed: every change of the batch did
+            for queued, _, _ in accepted:
+                if not queued.done.done():
+                    queued.done.set_exception(exc)
+            return
+        for (queued, _, answer), item in zip(accepted, items, strict=True):
+            if queued.done.done():
+                continue
+            try:
+                queued.done.set_result(answer(item))
+            except Exception as exc:  # never leave a request waiting
+                queued.done.set_exception(exc)
+
+    def _checked(self, draft: Draft, change: Write) -> Write:
+        """`change` if the document it leaves is valid; else AdminError 400 with the paths
+        of the changed item relative to it."""
+        document, index = draft.document(change)
         try:
             validate_config(document)
         except ConfigError as exc:
-            errors = [relative_path(line, kind, index) for line in exc.errors]
+            errors = [relative_path(line, change.kind, index) for line in exc.errors]
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise AdminError(400, f"invalid configuration: {errors[0]}{more}", errors) from None
+        return change
 
     @staticmethod
     def _object(body: Any) -> dict[str, Any]:
@@ -256,14 +405,19 @@ class Resources:
             raise AdminError(400, "the body must be a JSON object")
         return body
 
-    def _new_id(self, state: StoreState, kind: str) -> str:
+    def _new_id(self, draft: Draft, kind: str) -> str:
         """APISIX-style: 20 digits, increasing. From the clock, so ids stay unique across a
         restart of the gateway; bumped when two POSTs land in one microsecond."""
         candidate = max(time.time_ns() // 1000, self._last_generated + 1)
-        while f"{candidate:020d}" in state.items.get(kind, {}):
+        while draft.get(kind, f"{candidate:020d}") is not None:
             candidate += 1
         self._last_generated = candidate
         return f"{candidate:020d}"
+
+
+def _body_of(item: StoredItem | None) -> dict[str, Any]:
+    assert item is not None  # a put always stores an item
+    return item_body(item)
 
 
 def relative_path(line: str, kind: str, index: int | None) -> str:

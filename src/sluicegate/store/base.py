@@ -4,7 +4,7 @@ A store holds the *resources* (routes, services, upstreams…) keyed by kind and
 the *base*: the rest of the document (gateway settings, the short-form `plugins:` list,
 `admin:`), which always comes from the local file. `StoreState.document()` is the dict
 `validate_config` takes. Writers (the Admin API) validate the whole resulting document
-before they call `put`/`delete`; followers (every worker) apply each state the feed
+before they call `put`/`delete`/`write`; followers (every worker) apply each state the feed
 yields, all or nothing.
 """
 
@@ -62,6 +62,16 @@ class StoreState:
         return doc
 
 
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One change of a batch given to `ConfigStore.write`: a put of `value`, or a delete
+    when `value` is None."""
+
+    kind: str
+    id: str
+    value: dict[str, Any] | None
+
+
 class ConfigStore(ABC):
     """A config source. `load` reads everything; `watch` yields each later state.
 
@@ -85,6 +95,18 @@ class ConfigStore(ABC):
 
     @abstractmethod
     async def delete(self, kind: str, item_id: str) -> StoredItem | None: ...
+
+    async def write(self, writes: list[Write]) -> list[StoredItem | None]:
+        """Apply `writes` in order and answer each one as `put`/`delete` would. Stores that
+        can make the batch one change (one file rewrite, one etcd txn) override this: the
+        Admin API hands them every change that queued up during the previous write."""
+        results: list[StoredItem | None] = []
+        for change in writes:
+            if change.value is None:
+                results.append(await self.delete(change.kind, change.id))
+            else:
+                results.append(await self.put(change.kind, change.id, change.value))
+        return results
 
     def reread_base(self, state: StoreState) -> StoreState:
         """SIGHUP: `state` with what comes from the local file read again (the file store:

@@ -38,6 +38,7 @@ from sluicegate.store.base import (
     StoredItem,
     StoreError,
     StoreState,
+    Write,
     with_id,
 )
 
@@ -51,6 +52,8 @@ REQUEST_TIMEOUT = 5.0
 # etcd's own watch progress notifications come every 10 minutes; to keep config_age
 # meaningful the follower asks etcd for its revision this often while the watch is quiet.
 CONFIRM_INTERVAL = 1.0
+# etcd's default --max-txn-ops: a bigger batch is written as several transactions.
+MAX_TXN_OPS = 128
 RETRY_MIN = 0.2
 RETRY_MAX = 5.0
 _ERROR_PATH = re.compile(r"^([a-z_]+)\[(\d+)\]")
@@ -208,15 +211,53 @@ class EtcdStore(ConfigStore):
         key = self._key(kind, item_id)
         reply = await self._post("/v3/kv/deleterange", {"key": _b64(key), "prev_kv": True})
         previous = reply.get("prev_kvs") or []
-        if not previous:
-            return None
-        kv = previous[0]
-        try:
-            value = json.loads(_unb64(kv.get("value", "")))
-        except ValueError:
-            value = {}
-        return StoredItem(kind, item_id, value if isinstance(value, dict) else {},
-                          int(kv["create_revision"]), int(kv["mod_revision"]))
+        return _deleted(kind, item_id, previous[0]) if previous else None
+
+    async def write(self, writes: list[Write]) -> list[StoredItem | None]:
+        """The batch as etcd transactions, each one revision: one round trip (and one watch
+        event for every follower) instead of one per change. A txn holds a key at most
+        once and at most MAX_TXN_OPS operations, so a batch may take several, in order."""
+        results: list[StoredItem | None] = []
+        chunk: list[Write] = []
+        for change in writes:
+            if len(chunk) == MAX_TXN_OPS or any(c.kind == change.kind and c.id == change.id
+                                                for c in chunk):
+                results += await self._txn(chunk)
+                chunk = []
+            chunk.append(change)
+        if chunk:
+            results += await self._txn(chunk)
+        return results
+
+    async def _txn(self, writes: list[Write]) -> list[StoredItem | None]:
+        operations = []
+        for change in writes:
+            key = _b64(self._key(change.kind, change.id))
+            if change.value is None:
+                operations.append({"request_delete_range": {"key": key, "prev_kv": True}})
+            else:
+                value = json.dumps(with_id(change.kind, change.id, change.value),
+                                   separators=(",", ":"))
+                operations.append({"request_put": {"key": key, "value": _b64(value),
+                                                   "prev_kv": True}})
+        reply = await self._post("/v3/kv/txn", {"success": operations})
+        revision = int(reply["header"]["revision"])
+        responses = reply.get("responses") or []
+        if len(responses) != len(writes):
+            raise StoreError(f"etcd txn: {len(responses)} answers to {len(writes)} operations")
+        results: list[StoredItem | None] = []
+        for change, response in zip(writes, responses, strict=True):
+            if change.value is None:
+                previous = (response.get("response_delete_range") or {}).get("prev_kvs") or []
+                results.append(_deleted(change.kind, change.id, previous[0])
+                               if previous else None)
+                continue
+            previous = (response.get("response_put") or {}).get("prev_kv")
+            created = int(previous["create_revision"]) if previous else revision
+            results.append(StoredItem(change.kind, change.id,
+                                      with_id(change.kind, change.id, change.value),
+                                      created, revision))
+        return results
 
     async def close(self) -> None:
         if self._session is not None:
@@ -457,6 +498,16 @@ class EtcdStore(ConfigStore):
         key = f"{self.prefix}/{kind}/{item.id}"
         self._report(key, item.modified_index, f"etcd key {key}: invalid, skipped, never "
                      f"applied (the rest applies): {'; '.join(reasons)}")
+
+
+def _deleted(kind: str, item_id: str, kv: dict[str, Any]) -> StoredItem:
+    """What a delete removed, from etcd's prev_kv."""
+    try:
+        value = json.loads(_unb64(kv.get("value", "")))
+    except ValueError:
+        value = {}
+    return StoredItem(kind, item_id, value if isinstance(value, dict) else {},
+                      int(kv["create_revision"]), int(kv["mod_revision"]))
 
 
 def _content(state: StoreState) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
