@@ -87,6 +87,9 @@ class MetricsStore:
         self.ai_ttft: dict[tuple[str, ...], Histogram] = {}
         # AiLabels -> USD spent (plugins/ai_budget.py prices the tokens)
         self.ai_spend: dict[tuple[str, ...], float] = {}
+        # (route, provider, model, reason) -> tries that failed and moved on to another
+        # instance (plugins/ai_proxy_multi.py)
+        self.ai_fallbacks: dict[tuple[str, str, str, str], int] = {}
 
     def record(self, code: int, route: str, service: str, consumer: str, node: str,
                latency: float, upstream_latency: float, upstream_status: int,
@@ -164,6 +167,13 @@ class MetricsStore:
         """What one AI request cost; labels are (route, consumer, provider, model)."""
         self.ai_spend[labels] = self.ai_spend.get(labels, 0.0) + usd
 
+    def record_ai_fallback(self, route: str, provider: str, model: str, reason: str
+                           ) -> None:
+        """A try at one AI provider instance that failed (`reason`: 429, 5xx, timeout,
+        connect_error...) and was followed by a try at another."""
+        key = (route, provider, model, reason)
+        self.ai_fallbacks[key] = self.ai_fallbacks.get(key, 0) + 1
+
     def record_limit_store_error(self, plugin: str, outcome: str) -> None:
         key = (plugin, outcome)
         self.limit_store_errors[key] = self.limit_store_errors.get(key, 0) + 1
@@ -195,6 +205,7 @@ class MetricsStore:
                 "ttft": {k: (list(h.buckets), h.count, h.total)
                          for k, h in self.ai_ttft.items()},
                 "spend": dict(self.ai_spend),
+                "fallbacks": dict(self.ai_fallbacks),
             },
         }
 
@@ -231,7 +242,8 @@ def merge_snapshots(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
                                                  strict=True)]
         _merge_histograms(merged["latency"], snap["latency"])
         ai = merged.setdefault("ai", {"requests": {}, "errors": {}, "tokens": {},
-                                      "latency": {}, "ttft": {}, "spend": {}})
+                                      "latency": {}, "ttft": {}, "spend": {},
+                                      "fallbacks": {}})
         for name, section in snap.get("ai", {}).items():
             if name in ("latency", "ttft"):
                 _merge_histograms(ai[name], section)
@@ -425,6 +437,14 @@ def _ai_families(ai: dict[str, Any]) -> Iterator[Any]:
     for key, value in sorted(ai.get("spend", {}).items()):
         spend.add_metric(list(key), value)
     yield spend
+    fallbacks = CounterMetricFamily(
+        "sluicegate_ai_fallbacks",
+        "ai-proxy-multi tries that failed and moved on to another instance, by the failed "
+        "instance's provider and model and the reason (429 or another status, 5xx, "
+        "timeout, connect_error)", labels=["route", "provider", "model", "reason"])
+    for key, value in sorted(ai.get("fallbacks", {}).items()):
+        fallbacks.add_metric(list(key), value)
+    yield fallbacks
 
 
 def _http_logger_families(counts: dict[tuple[str, str], int]) -> Iterator[Any]:

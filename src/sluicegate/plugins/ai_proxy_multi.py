@@ -12,7 +12,13 @@ first bytes of the provider's answer are read before the answer head goes out.
 
 The answer carries `X-AI-Instance: <name>`, the instance that answered (or the last one
 tried, when all failed). Token accounting names that instance's provider and model; the
-access log's `ai` entry has `instance` and `failed_attempts`.
+access log's `ai` entry has `instance` and `failed_attempts`; each fallback is counted in
+`sluicegate_ai_fallbacks_total{route, provider, model, reason}` (the instance that failed).
+
+With ai-rate-limiting on the route, an instance whose token budget is spent is skipped
+when picking (it is not a failed try: no cool-down, no retry used up); the request is
+rejected only when no instance with budget left remains. The hand-over is the
+`BUDGET_GATE_VAR` entry of ctx.vars, which ai-rate-limiting sets in `access`.
 
 Cool-down state belongs to a worker process and to a config snapshot (a reload starts
 every instance fresh).
@@ -22,8 +28,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Awaitable
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import aiohttp
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -50,6 +57,7 @@ from sluicegate.ai.serving import (
 )
 from sluicegate.http.balancer import Balancer, UpstreamNode, make_balancer
 from sluicegate.http.context import RequestContext
+from sluicegate.observe.access_log import AI_RECORD_VAR
 from sluicegate.plugins.base import (
     LocalHandler,
     Plugin,
@@ -71,6 +79,24 @@ APISIX_FALLBACK_STRATEGIES: dict[str, list[int | str]] = {
 # A Retry-After longer than this is not believed (a provider asking for a day's pause
 # would take an instance out of rotation until a reload); LiteLLM caps it too.
 MAX_RETRY_AFTER_SECONDS = 3600.0
+# ctx.vars key of the budget gate (ai-rate-limiting puts itself there in `access` when its
+# budgets name instances): read once per request, so a route without it pays one dict get.
+BUDGET_GATE_VAR = "ai_budget_gate"
+
+
+class BudgetGate(Protocol):
+    """What ai-proxy-multi asks a token budget (plugins/ai_rate_limiting.py)."""
+
+    def admit(self, ctx: RequestContext, instance: str
+              ) -> bool | Response | Awaitable[bool | Response]:
+        """True: the instance has budget left (the gate notes it as the one to charge);
+        False: its budget is spent, pick another; a Response: answer with it at once (the
+        budget's store is down)."""
+        ...
+
+    def rejection(self, ctx: RequestContext) -> Response:
+        """The answer when every instance's budget is spent."""
+        ...
 
 
 class AiInstanceConfig(PluginConfig):
@@ -254,16 +280,33 @@ class AiProxyMulti(Plugin):
         return problems
 
     # -- picking ---------------------------------------------------------------------------
-    def _pick(self, ctx: RequestContext, tried: set[UpstreamNode]) -> _Instance | None:
-        """The next instance: by priority and weight among those not tried and not
-        cooling down; when only cooling ones are left, among those (a provider may have
-        recovered, and an answer beats an error)."""
+    def _pick(self, ctx: RequestContext, excluded: set[UpstreamNode]) -> _Instance | None:
+        """The next instance: by priority and weight among those not excluded (tried, or
+        out of budget) and not cooling down; when only cooling ones are left, among those
+        (a provider may have recovered, and an answer beats an error)."""
         now = time.monotonic()
         cooling = {i.node for i in self.instances if i.cool_until > now}
-        node = self.balancer.pick(ctx, tried | cooling if cooling else tried)
+        node = self.balancer.pick(ctx, excluded | cooling if cooling else excluded)
         if node is None and cooling:
-            node = self.balancer.pick(ctx, tried)
+            node = self.balancer.pick(ctx, excluded)
         return self.by_node.get(node) if node is not None else None
+
+    async def _pick_within_budget(self, ctx: RequestContext, excluded: set[UpstreamNode],
+                                  gate: BudgetGate) -> _Instance | Response | None:
+        """`_pick`, skipping (and adding to `excluded`) instances whose budget is spent;
+        a Response when the gate answers instead."""
+        while True:
+            instance = self._pick(ctx, excluded)
+            if instance is None:
+                return None
+            verdict = gate.admit(ctx, instance.name)
+            if type(verdict) is not bool and not isinstance(verdict, Response):
+                verdict = await verdict
+            if verdict is True:
+                return instance
+            if verdict is not False:
+                return verdict  # type: ignore[return-value]
+            excluded.add(instance.node)
 
     def _falls_back_on_status(self, status: int) -> bool:
         return status in self.fallback_statuses or \
@@ -293,29 +336,44 @@ class AiProxyMulti(Plugin):
         except AdapterError as exc:
             respond_adapter_error(exc, front, record, writer)
             return
-        tried: set[UpstreamNode] = set()
+        gate: BudgetGate | None = ctx.vars.get(BUDGET_GATE_VAR)  # type: ignore[union-attr]
+        # Instances tried, and (with a gate) those whose budget is spent.
+        excluded: set[UpstreamNode] = set()
         failure: _Failure | None = None
-        instance: _Instance | None = None
+        last: _Instance | None = None
         for _ in range(self.max_tries):
-            instance = self._pick(ctx, tried)
+            if gate is None:
+                instance = self._pick(ctx, excluded)
+            else:
+                picked = await self._pick_within_budget(ctx, excluded, gate)
+                if isinstance(picked, Response):
+                    _drop_record(ctx)
+                    writer.respond(picked)
+                    return
+                instance = picked
             if instance is None:
                 break
-            tried.add(instance.node)
+            excluded.add(instance.node)
             if failure is not None:
                 _note_attempt(record, failure.label)
             _start_attempt(record, instance)
+            last = instance
             failure = await self._try(instance, ctx, kind, client_request, front, record,
                                       writer)
             if failure is None:
                 return
-        if instance is None or failure is None:  # nothing could be picked
-            record.error = "no_instance"
-            record.finished = True
-            error = openai_error("no AI provider instance is available", "api_error")
-            writer.respond(Response(502, front.error_body(502, error), [JSON_HEADER]))
+        if last is not None and failure is not None:  # the last try's failure is the answer
+            ctx.add_response_headers(((INSTANCE_HEADER, last.name),))
+            writer.respond(failure.response())
             return
-        ctx.add_response_headers(((INSTANCE_HEADER, instance.name),))
-        writer.respond(failure.response())
+        if gate is not None:  # nothing picked: every instance's budget is spent
+            _drop_record(ctx)
+            writer.respond(gate.rejection(ctx))
+            return
+        record.error = "no_instance"
+        record.finished = True
+        error = openai_error("no AI provider instance is available", "api_error")
+        writer.respond(Response(502, front.error_body(502, error), [JSON_HEADER]))
 
     async def _try(self, instance: _Instance, ctx: RequestContext, kind: str,
                    client_request: JsonObject, front: Any, record: AiRecord, writer: Any
@@ -382,7 +440,13 @@ class AiProxyMulti(Plugin):
 
     # -- log phase -------------------------------------------------------------------------
     def log(self, ctx: RequestContext) -> None:
-        account(ctx, self.metrics, self.summaries)
+        record = account(ctx, self.metrics, self.summaries)
+        if record is not None and record.attempts and self.metrics is not None:
+            route = ctx.route.id if ctx.route is not None else ""
+            for attempt in record.attempts:
+                self.metrics.record_ai_fallback(route, attempt["provider"],
+                                                attempt["model"],
+                                                _fallback_reason(attempt["error"]))
 
 
 def _start_attempt(record: AiRecord, instance: _Instance) -> None:
@@ -402,6 +466,19 @@ def _note_attempt(record: AiRecord, label: str) -> None:
         record.attempts = []
     record.attempts.append({"instance": record.instance or "", "provider": record.provider,
                             "model": record.model, "error": label})
+
+
+def _fallback_reason(label: str) -> str:
+    """The `reason` label of a fallback: 5xx statuses as one class (which 5xx is in the
+    access log), other statuses as they are, else timeout / connect_error."""
+    return "5xx" if len(label) == 3 and label.startswith("5") and label.isdigit() else label
+
+
+def _drop_record(ctx: RequestContext) -> None:
+    """No instance was called: like a request an access-phase limit rejected, it is no AI
+    request in metrics or the access log."""
+    if ctx.vars:
+        ctx.vars.pop(AI_RECORD_VAR, None)
 
 
 def _failure_class(exc: BaseException) -> Literal["timeout", "connect_error"]:
