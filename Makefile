@@ -46,6 +46,7 @@ bench: $(STAMP)
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 	$(PY) -m pip install -q -e '.[bench]'
 	bench/http_proxy.sh
+	CASES="direct sluicegate" bench/ai.sh   # the AI gateway; bench/ai.sh alone adds LiteLLM
 
 # eBPF objects (src/sluicegate/bpf/obj/*.bpf.o) are committed: users need no compiler, only
 # libbpf1 at run time. `make bpf` rebuilds them: it installs the toolchain when missing,

@@ -9,6 +9,9 @@ at a time, the others idle:
   litellm     the LiteLLM proxy, when `--litellm PATH` names its `litellm` command (install
               it in a separate venv: `pip install 'litellm[proxy]'`)
 
+A smoke-level tool. The pinned, repeated comparison with LiteLLM (wrk load, a fast nginx fake
+provider, medians, ratios and targets) is bench/ai.sh.
+
 Measured per target:
   * non-streamed chat: req/s with `--concurrency` requests in flight for `--duration`
     seconds, and the proxy process's CPU per request (utime+stime from /proc);
@@ -275,13 +278,17 @@ def main() -> int:
 
         if args.litellm:
             litellm_port = free_port()
+            # LiteLLM refuses to start without a master key; the clients send KEY anyway.
             (out / "litellm.yaml").write_text(yaml.safe_dump({"model_list": [{
                 "model_name": "fake-model", "litellm_params": {
                     "model": "openai/fake-model", "api_base": f"{fake_url}/v1",
-                    "api_key": KEY}}]}))
+                    "api_key": KEY}}], "general_settings": {"master_key": KEY}}))
+            # LITELLM_LOCAL_MODEL_COST_MAP: else it fetches its cost map from the internet.
             litellm = start("litellm", [args.litellm, "--config", str(out / "litellm.yaml"),
-                                        "--port", str(litellm_port), "--num_workers", "1"],
-                            litellm_port, 1)
+                                        "--host", "127.0.0.1", "--port", str(litellm_port),
+                                        "--num_workers", "1"],
+                            litellm_port, 1, {"LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                                              "LITELLM_LOG": "ERROR"})
             targets.append(("litellm", f"http://127.0.0.1:{litellm_port}/v1/chat/completions",
                             litellm.pid))
 
