@@ -15,6 +15,7 @@ import pickle
 import signal
 import socket
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,11 @@ class Worker:
         clean = await server.drain(server.snapshot.config.gateway.drain_timeout)
         if self.stream is not None:
             await self.stream.drain(server.snapshot.config.gateway.drain_timeout)
+        # The AI gateway's provider session, when a request made one (looked up, not
+        # imported: a gateway without AI routes never loads aiohttp's client).
+        provider_client = sys.modules.get("sluicegate.ai.provider_client")
+        if provider_client is not None:
+            await provider_client.close()
         from sluicegate.observe.access_log import flush_all
 
         flush_all()

@@ -345,3 +345,14 @@ def test_http_1_0_client_gets_the_stream_delimited_by_close(openai_gateway):
     assert b"text/event-stream" in head and b"chunked" not in head.lower()
     assert events.endswith(b"data: [DONE]\n\n")
     assert b'"content":"echo:"' in events
+
+
+def test_stopping_the_gateway_closes_the_provider_session_cleanly(openai_gateway):
+    """The provider connection pool is closed on SIGTERM: no asyncio "Unclosed client
+    session" / "Unclosed connector" errors in the log, exit code 0."""
+    answer = client(openai_gateway).chat.completions.create(model="gpt-4o-mini",
+                                                            messages=MESSAGES)
+    assert answer.choices[0].message.content
+    assert openai_gateway.stop() == 0
+    log = openai_gateway.log_path.read_text(errors="replace")
+    assert "Unclosed" not in log, log
