@@ -101,8 +101,9 @@ def start_gateway(workdir: Path, config: dict[str, Any], extra_args: list[str] |
     return gateway
 
 
-async def churn(admin_port: int, backend: str, stop_at: float) -> tuple[int, int, float]:
-    """PUT a route or an upstream CHURN_PER_SECOND times a second until stop_at, without
+async def churn(admin_port: int, backend: str, stop_at: float,
+                rate: int = CHURN_PER_SECOND) -> tuple[int, int, float]:
+    """PUT a route or an upstream `rate` times a second until stop_at, without
     waiting for one change to finish before the next starts (up to 32 in flight): changes
     done, failed, and the seconds that took."""
     base = f"http://127.0.0.1:{admin_port}/apisix/admin"
@@ -138,7 +139,7 @@ async def churn(admin_port: int, backend: str, stop_at: float) -> tuple[int, int
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             n += 1
-            delay = start + n / CHURN_PER_SECOND - time.monotonic()
+            delay = start + n / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
         await asyncio.gather(*tasks)
@@ -160,7 +161,7 @@ def measure_churn(workdir: Path, args: argparse.Namespace, out: Path) -> list[st
         if etcd is not None:
             stop(etcd)
         raise
-    rows: dict[str, list[dict[str, float]]] = {"no churn": [], "100 changes/s": []}
+    rows: dict[str, list[dict[str, float]]] = {"no churn": [], f"{args.rate} changes/s": []}
     try:
         if args.store == "etcd":  # the file's resources are ignored: the same ones, in etcd
             asyncio.run(put_resources(gateway.admin_port, gateway_config(nginx.address)))
@@ -176,7 +177,7 @@ def measure_churn(workdir: Path, args: argparse.Namespace, out: Path) -> list[st
                 # this one, and changes queued behind it would all be sent after wrk ended.
                 with concurrent.futures.ThreadPoolExecutor(1) as pool:
                     changes = pool.submit(asyncio.run, churn(gateway.admin_port, nginx.address,
-                                                             stop_at))
+                                                             stop_at, args.rate))
                     time.sleep(0.5)
                     result = wrk(gateway.url + "/", args.duration, path)
                     done, failed, took = changes.result()
@@ -340,6 +341,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--changes", type=int, default=1000)
     parser.add_argument("--only", default="churn,etcd,redis")
+    parser.add_argument("--rate", type=int, default=CHURN_PER_SECOND,
+                        help="changes per second the churn part aims at (the issue: 100)")
     parser.add_argument("--store", choices=("file", "etcd"), default="file",
                         help="where the churn part's gateway keeps its resources")
     args = parser.parse_args()
