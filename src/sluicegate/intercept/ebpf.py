@@ -69,6 +69,9 @@ MAPS = ("sg_config", "sg_ports", "sg_dst4", "sg_excl4", "sg_dst6", "sg_excl6", "
 SLOTS = {("tcp", 4): 0, ("tcp", 6): 1, ("udp", 4): 2, ("udp", 6): 3}
 F_TCP, F_UDP, F_V4, F_V6, F_IFACES, F_PRESERVE_SOURCE = (1 << bit for bit in range(6))
 PORT_WORDS = 1024
+# Entries of each LPM trie (captured and excluded, per family): SG_MAX_PREFIXES in
+# bpf/src/sk_lookup.bpf.c (change both together).
+MAX_PREFIXES = 262144
 STATS = ("marked", "reply_marked", "assigned", "no_listener", "assign_failed")
 ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772
@@ -150,6 +153,20 @@ def excluded_prefixes(spec: InterceptSpec, own: Iterable[str]) -> list[Network]:
     return list(dict.fromkeys(networks))
 
 
+def _check_trie_sizes(spec: InterceptSpec, own: Iterable[str]) -> None:
+    """Refuse, naming the option, what the LPM tries cannot hold (else a bare ENOSPC from
+    a map update halfway through the install)."""
+    for what, networks in (("destinations", spec.destinations),
+                           ("exclude", excluded_prefixes(spec, own))):
+        for version in (4, 6):
+            count = sum(1 for n in networks if n.version == version)
+            if count > MAX_PREFIXES:
+                raise InterceptError(
+                    f"{what}: {count} IPv{version} prefixes (after merging); eBPF mode "
+                    f"holds at most {MAX_PREFIXES} per family: merge prefixes or use "
+                    "mode: tproxy")
+
+
 def _interfaces(spec: InterceptSpec) -> list[tuple[int, str, int]]:
     """(ifindex, name, l2 header length) of the interfaces to capture on: the spec's, or
     every non-loopback interface of the namespace now."""
@@ -211,6 +228,7 @@ class EbpfInterceptor:
         if reasons:
             raise InterceptError("refusing the interception spec: " + "; ".join(reasons))
         sockets = self._sockets_for(spec)
+        _check_trie_sizes(spec, addresses)
         self.remove()
         libbpf = _bpf()
         try:

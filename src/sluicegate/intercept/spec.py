@@ -7,7 +7,9 @@ more and raises `ValueError` with the field and reason, so a spec that exists is
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -65,18 +67,74 @@ def parse_network(value: Any, what: str = "CIDR") -> Network:
     (`10.1.2.3/8` means 10.0.0.0/8)."""
     if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         return value
+    text = str(value).strip()
+    fast = _parse_plain(text)
+    if fast is not None:
+        return fast
     try:
-        return ipaddress.ip_network(str(value).strip(), strict=False)
+        return ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ValueError(f"{what} {value!r}: not an IPv4 or IPv6 address or prefix") from None
 
 
+def _parse_plain(text: str) -> Network | None:
+    """`ADDR/LEN` or `ADDR` through inet_pton (strict: no leading zeros, no zone), about
+    10x faster than `ip_network`, which makes a 100k-prefix spec take seconds per parse.
+    None for anything else (netmask forms, errors): `ip_network` decides and words the
+    error."""
+    address, slash, length = text.partition("/")
+    kind = ipaddress.IPv6Network if ":" in address else ipaddress.IPv4Network
+    bits = 128 if kind is ipaddress.IPv6Network else 32
+    if slash and not (length.isascii() and length.isdigit() and int(length) <= bits):
+        return None
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if bits == 128 else socket.AF_INET, address)
+    except OSError:
+        return None
+    prefixlen = int(length) if slash else bits
+    mask = ((1 << bits) - 1) ^ ((1 << (bits - prefixlen)) - 1)
+    return kind((int.from_bytes(packed, "big") & mask, prefixlen))
+
+
 def collapse(networks: Iterable[Network]) -> tuple[Network, ...]:
-    """Sorted, merged, v4 before v6 (nft interval sets refuse overlapping elements)."""
+    """Sorted, merged, v4 before v6 (nft interval sets refuse overlapping elements).
+
+    What `ipaddress.collapse_addresses` returns, computed on integers: that one takes
+    about a second per 100k prefixes, this a tenth of it, and it keeps the given objects
+    when nothing merges (the common case)."""
     nets = list(networks)
-    v4 = ipaddress.collapse_addresses(n for n in nets if n.version == 4)
-    v6 = ipaddress.collapse_addresses(n for n in nets if n.version == 6)
+    v4 = _collapse_family([n for n in nets if n.version == 4], ipaddress.IPv4Network, 32)
+    v6 = _collapse_family([n for n in nets if n.version == 6], ipaddress.IPv6Network, 128)
     return (*v4, *v6)
+
+
+def _collapse_family(nets: list[Any], kind: Any, bits: int) -> list[Any]:
+    # CIDR blocks either nest or are disjoint: sorted by (start, length), a block starting
+    # inside the previous kept one is inside it.
+    items = sorted(((int(n.network_address), n.prefixlen, n) for n in nets),
+                   key=lambda item: (item[0], item[1]))
+    stack: list[tuple[int, int, Any]] = []
+    end = -1
+    for start, prefixlen, net in items:
+        if start <= end:
+            continue
+        end = start + (1 << (bits - prefixlen)) - 1
+        stack.append((start, prefixlen, net))
+        # Two sibling halves become their parent, which may pair with the block before it.
+        while len(stack) >= 2:
+            (a, alen, _), (b, blen, _) = stack[-2], stack[-1]
+            size = 1 << (bits - alen)
+            if alen != blen or alen == 0 or a & ((size << 1) - 1) or b != a + size:
+                break
+            stack[-2:] = [(a, alen - 1, kind((a, alen - 1)))]
+    return [net for _, _, net in stack]
+
+
+@functools.lru_cache(maxsize=8)
+def _prefixes(values: tuple[Any, ...], what: str) -> tuple[Network, ...]:
+    """Parsed and collapsed. Cached: one config load builds the same spec several times
+    (validation, the entry, each worker), which costs ~0.4 s each with 100k prefixes."""
+    return collapse(parse_network(n, what) for n in values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +184,12 @@ class InterceptSpec:
         set_(self, "protocols", protocols)
         ranges = tuple(sorted(parse_port_range(r) for r in self.port_ranges))
         set_(self, "port_ranges", ranges or ((self.listen_port, self.listen_port),))
-        destinations = collapse(parse_network(n, "destination") for n in self.destinations)
+        destinations = _prefixes(tuple(self.destinations), "destination")
         if not destinations:
             raise ValueError("destinations: at least one prefix is needed "
                              "(0.0.0.0/0 and ::/0 capture everything)")
         set_(self, "destinations", destinations)
-        set_(self, "exclude", collapse(parse_network(n, "exclude") for n in self.exclude))
+        set_(self, "exclude", _prefixes(tuple(self.exclude), "exclude"))
         interfaces = tuple(dict.fromkeys(str(i) for i in self.interfaces))
         for name in interfaces:
             if not name or len(name) > MAX_IFNAME or "/" in name or name.strip() != name \
@@ -228,10 +286,12 @@ def _subtract(network: Network, excluded: Iterable[Network]) -> list[Network]:
 
 def _only_own(network: Network, own: set[Address]) -> bool:
     """True when every address of `network` is one of the gateway's own addresses."""
-    if any(network.version == lo.version and network.subnet_of(lo)  # type: ignore[arg-type]
-           for lo in LOOPBACK):
+    # subnet_of on integers: ipaddress' own takes ~5 µs, which adds up over 100k prefixes.
+    start = int(network.network_address)
+    if any(network.version == lo.version and network.prefixlen >= lo.prefixlen
+           and start & int(lo.netmask) == int(lo.network_address) for lo in LOOPBACK):
         return True
-    if network.num_addresses > len(own):
+    if 1 << (network.max_prefixlen - network.prefixlen) > len(own):  # num_addresses, cheap
         return False
     return all(address in own for address in network)
 

@@ -33,8 +33,10 @@
 #define TCX_NEXT (-1)
 #define SK_PASS_VERDICT 1
 #define TCP_LISTEN_STATE 10
-/* Enough for the longest prefix lists users write by hand and for the host's addresses. */
-#define SG_MAX_PREFIXES 16384
+/* Per family and trie: 100k+ captured prefixes (bench scaling) plus the host's addresses.
+ * BPF_F_NO_PREALLOC: memory is taken per inserted prefix, not for max_entries. Mirrored by
+ * MAX_PREFIXES in intercept/ebpf.py. */
+#define SG_MAX_PREFIXES 262144
 #define SG_MAX_IFACES 256
 
 struct {
