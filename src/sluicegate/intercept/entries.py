@@ -190,7 +190,7 @@ class InterceptionOwner:
         except InterceptError as exc:
             log.warning("could not remove %s leftovers: %s", other.mode, exc)
         self.interceptor.install(self.spec)
-        log.info("interception installed (%s): %s", self.entry.mode, self.spec.to_dict())
+        log.info("interception installed (%s): %s", self.entry.mode, self.spec.summary())
 
     @staticmethod
     def _interceptor(entry: InterceptEntry) -> TproxyInterceptor | EbpfInterceptor:

@@ -28,6 +28,8 @@ DEFAULT_ROUTE_TABLE = 100
 RESERVED_ROUTE_TABLES = (0, 253, 254, 255)
 # Linux interface names: IFNAMSIZ is 16 including the terminating NUL.
 MAX_IFNAME = 15
+# Prefixes of each list written in a log line (see InterceptSpec.summary).
+LOGGED_PREFIXES = 8
 ANY_V4 = ipaddress.IPv4Network("0.0.0.0/0")
 ANY_V6 = ipaddress.IPv6Network("::/0")
 # Addresses that always mean "this host", whatever its interfaces say.
@@ -266,6 +268,16 @@ class InterceptSpec:
             "fwmark": f"{self.fwmark:#x}",
             "route_table": self.route_table,
         }
+
+    def summary(self, most: int = LOGGED_PREFIXES) -> dict[str, Any]:
+        """`to_dict` with long prefix lists cut to their first `most` entries and a count:
+        100,000 prefixes would make one log line of megabytes."""
+        found = self.to_dict()
+        for key in ("destinations", "exclude"):
+            values = found[key]
+            if len(values) > most:
+                found[key] = [*values[:most], f"... {len(values) - most} more"]
+        return found
 
 
 def _subtract(network: Network, excluded: Iterable[Network]) -> list[Network]:
