@@ -36,7 +36,8 @@ BPF_SK_SKB_STREAM_VERDICT = 5
 NO_RESUME = 0xFFFF_FFFF_FFFF_FFFF
 _KEY = struct.Struct("<Q")
 _CTL = struct.Struct("<QQ")  # peer, resume_at
-_COUNT = struct.Struct("<QQ")  # redirected, passed
+_COUNT = struct.Struct("<QQQII")  # redirected, passed, trimmed, next_seq, flags
+BROKEN = 2  # sg_sm_count.flags: old bytes could not be cut off, the stream has a gap
 SO_COOKIE = 57  # socket.SO_COOKIE is missing from Python 3.11
 
 _lock = threading.Lock()
@@ -90,7 +91,7 @@ class SockmapSplice:
     # -- a pair's entries ----------------------------------------------------------------
     def prepare(self, cookie: int, peer: int) -> None:
         """Zero the counters and start passing (user space copies until `resume`)."""
-        self.count.update(_KEY.pack(cookie), _COUNT.pack(0, 0))
+        self.count.update(_KEY.pack(cookie), _COUNT.pack(0, 0, 0, 0, 0))
         self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, NO_RESUME))
 
     def insert(self, cookie: int, sock: socket.socket) -> None:
@@ -103,10 +104,18 @@ class SockmapSplice:
 
     def counts(self, cookie: int) -> tuple[int, int]:
         """(redirected, passed) bytes of the socket; zeros when unknown."""
+        redirected, passed, _trimmed, _broken = self.all_counts(cookie)
+        return redirected, passed
+
+    def all_counts(self, cookie: int) -> tuple[int, int, int, bool]:
+        """(redirected, passed, trimmed, broken) of the socket; zeros when unknown.
+        `trimmed`: bytes TCP handed to the program a second time, which it cut off;
+        `broken`: it could not, and dropped an skb (sockmap_splice.bpf.c)."""
         raw = self.count.lookup(_KEY.pack(cookie), _COUNT.size)
         if raw is None:
-            return 0, 0
-        return _COUNT.unpack(raw)  # type: ignore[return-value]
+            return 0, 0, 0, False
+        redirected, passed, trimmed, _next_seq, flags = _COUNT.unpack(raw)
+        return redirected, passed, trimmed, bool(flags & BROKEN)
 
     def forget(self, cookie: int) -> None:
         """Take the socket out of the map and drop its entries (absent ones are fine)."""

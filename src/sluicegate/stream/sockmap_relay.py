@@ -35,6 +35,10 @@ the FIN would otherwise overtake them). A reset after a socket's EOF, when it is
 read, is found by the 1 s timeout sweep (SO_ERROR). Timeouts: the sweep reads the counters
 to tell an idle connection from one whose bytes move only in the kernel.
 
+Bytes TCP hands the program twice (a retransmission overlapping what it already had; kernel
+6.18's tcp_read_skb passes such an skb whole) are cut off by the program; if it can't, it
+drops the skb and marks the socket broken, and the sweep resets the connection (docs/ebpf.md).
+
 When the pair can't be joined (the map refused a socket), it falls back to the splice path;
 when the object can't be loaded at all, the server does (`connection_class_for`).
 """
@@ -141,7 +145,7 @@ class _KernelDirection:
     """One direction of a sockmap pair: src's bytes reach dst, redirected by the program
     or, while it passes them, copied here."""
 
-    __slots__ = ("base", "connection", "done", "dst", "dst_cookie", "eof", "kernel",
+    __slots__ = ("base", "broken", "connection", "done", "dst", "dst_cookie", "eof", "kernel",
                  "kernel_stalled", "loop", "pending", "reading", "redirected", "resume_at",
                  "settle_timer", "src", "src_cookie", "src_in_map", "stalled_since", "stopped",
                  "swept_written", "user_moved", "warned", "writing")
@@ -172,6 +176,7 @@ class _KernelDirection:
         self.kernel_stalled = False  # stalled_since set by the sweep (kernel queue stuck)
         self.swept_written = -1
         self.warned = False
+        self.broken = False  # the program dropped an skb it could not trim (bpf/sockmap.py)
 
     @property
     def moved(self) -> int:
@@ -381,10 +386,12 @@ class _KernelDirection:
         self.swept_written = written
 
     def refresh(self) -> int:
-        """The program's redirected count (for idle detection)."""
-        if self.resume_at >= 0:
+        """The program's redirected count (for idle detection); also notes `broken`."""
+        if self.src_in_map:
             with contextlib.suppress(OSError, BpfError):
-                self.redirected = self._splice().counts(self.src_cookie)[0]
+                redirected, _, _, self.broken = self._splice().all_counts(self.src_cookie)
+                if self.resume_at >= 0:
+                    self.redirected = redirected
         return self.redirected
 
     def stop(self) -> None:
@@ -488,6 +495,12 @@ class SockmapConnection(SpliceConnection):
                 if not isinstance(direction, _KernelDirection):
                     continue
                 moved += direction.refresh()
+                if direction.broken:
+                    # The stream has a gap (sockmap_splice.bpf.c): a reset, never bytes
+                    # silently missing.
+                    self.fail(OSError(errno.EIO, "sockmap: a retransmitted skb could not be "
+                                      "trimmed and was dropped"))
+                    return
                 direction.sweep_backlog(now)
                 if direction.eof and not direction.reading:
                     # No longer read: a reset would go unnoticed but for SO_ERROR.

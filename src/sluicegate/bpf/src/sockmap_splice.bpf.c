@@ -22,6 +22,9 @@
  * Passing bytes to user space whenever the peer's send queue was full was tried and
  * dropped: it duplicated an skb now and then (verdict only) or stalled (strparser).
  *
+ * Bytes TCP hands the program twice (a retransmission overlapping what it had) are cut off
+ * by their sequence number before the verdict; see the comment in sg_sm_verdict.
+ *
  * Counters per socket (`sg_sm_count`) give the relay its byte counts and tell it when
  * everything redirected has reached the peer (end of stream).
  */
@@ -32,6 +35,12 @@
 
 #define SK_DROP_VERDICT 0
 #define SK_PASS_VERDICT 1
+/* bpf_skb_adjust_room on an sk_skb removes at most this many bytes per call. */
+#define SG_SM_TRIM_STEP 0xfff
+/* Steps enough for 192 KiB of old bytes (seen: 64 KiB); more: SG_SM_BROKEN. */
+#define SG_SM_TRIM_STEPS 48
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -69,6 +78,40 @@ int sg_sm_verdict(struct __sk_buff *skb)
 	 * in this socket's state, where the relay reads it. */
 	if (!skb->len)
 		return SK_DROP_VERDICT;
+	/* Bytes already seen: on kernel 6.18, tcp_read_skb hands the program whole skbs from
+	 * the receive queue, also one that begins with bytes it handed over before. TCP queues
+	 * a segment whose start it already has (a retransmission overlapping new data) whole,
+	 * leaving recvmsg to skip the old part by copied_seq; read_skb does not. Measured here
+	 * under CPU load on loopback: a 131814-byte skb whose first 65483 bytes had come in the
+	 * skb before, so one 64 KiB block reached the peer twice. Cut the old bytes off by their
+	 * TCP sequence number (the kernel then also advances copied_seq by what remains). */
+	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
+	__u32 seq = 0, end;
+	__s32 stale = 0;
+	int i;
+
+	if (bpf_probe_read_kernel(&seq, sizeof(seq), kskb->cb)) /* TCP_SKB_CB(skb)->seq */
+		return SK_DROP_VERDICT; /* can't happen; never forward bytes unchecked */
+	end = seq + skb->len;
+	if (count->flags & SG_SM_SEQ_KNOWN)
+		stale = (__s32)(count->next_seq - seq);
+	if (stale >= (__s32)skb->len)
+		return SK_DROP_VERDICT; /* nothing new in it (TCP does not queue those: defensive) */
+	for (i = 0; i < SG_SM_TRIM_STEPS && stale > 0; i++) {
+		__s32 step = stale > SG_SM_TRIM_STEP ? SG_SM_TRIM_STEP : stale;
+
+		if (bpf_skb_adjust_room(skb, -step, 0, 0))
+			break;
+		__sync_fetch_and_add(&count->trimmed, step);
+		stale -= step;
+	}
+	if (stale > 0) {
+		count->flags |= SG_SM_BROKEN;
+		return SK_DROP_VERDICT;
+	}
+	count->next_seq = end;
+	count->flags |= SG_SM_SEQ_KNOWN;
+
 	peer = ctl->peer;
 	if (ctl->resume_at != count->passed) {
 		__sync_fetch_and_add(&count->passed, skb->len);

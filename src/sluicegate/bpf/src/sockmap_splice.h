@@ -18,6 +18,15 @@ struct sg_sm_ctl {
 struct sg_sm_count {
 	__u64 redirected; /* bytes moved to the peer in the kernel */
 	__u64 passed;     /* bytes left to user space (until it caught up) */
+	__u64 trimmed;    /* bytes TCP handed to the program a second time, cut off (.bpf.c) */
+	__u32 next_seq;   /* TCP sequence number after the last byte seen (SG_SM_SEQ_KNOWN) */
+	__u32 flags;      /* SG_SM_SEQ_KNOWN, SG_SM_BROKEN */
 };
+
+/* sg_sm_count.flags */
+#define SG_SM_SEQ_KNOWN 1U
+/* Bytes seen before could not be cut off (no memory): the skb was dropped and the stream
+ * has a gap, so user space resets the pair. */
+#define SG_SM_BROKEN 2U
 
 #endif
