@@ -165,3 +165,33 @@ def test_delete_racing_a_route_that_needs_it_never_leaves_a_dangling_reference(
         else:
             assert stored[f"uses-{upstream}"]["upstream_id"] == upstream
             assert admin.get(f"upstreams/{upstream}").status == 200
+
+
+def test_a_burst_of_changes_ends_with_the_data_plane_serving_the_newest_config(
+        gateway: Setup) -> None:
+    """Workers skip intermediate states under a stream of changes (applies are bounded to
+    a share of the loop) but always end on the newest one: every route of the burst is
+    served, and the last change to a route wins."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    def status(uri: str) -> int:
+        try:
+            with urllib.request.urlopen(f"{gateway.gateway.url}{uri}", timeout=5) as reply:
+                return reply.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    admin = gateway.admin
+    replies = at_once([put(admin, f"routes/b{n}", {"uri": f"/b/{n}", "upstream_id": "web"})
+                       for n in range(100)]
+                      + [put(admin, "routes/b0", {"uri": "/b/moved", "upstream_id": "web"})])
+    assert all(reply.status in (200, 201) for reply in replies)
+    deadline = time.monotonic() + 10
+    # Routed to the unreachable upstream: 502; not routed: 404.
+    while status("/b/99") != 502 or status("/b/moved") != 502:
+        assert time.monotonic() < deadline, "the newest config was not applied in 10 s"
+        time.sleep(0.05)
+    assert [status(f"/b/{n}") for n in range(1, 100)] == [502] * 99
+    assert status("/b/0") == 404  # the last PUT of b0 moved it

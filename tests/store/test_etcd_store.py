@@ -134,6 +134,32 @@ def test_watch_yields_puts_and_deletes_by_other_writers(etcd: Etcd, prefix: str,
     run(test)
 
 
+def test_watch_applies_every_put_of_one_transaction(etcd: Etcd, prefix: str,
+                                                    tmp_path: Path) -> None:
+    # The events of a txn share its revision (an Admin API batch is one txn): all of them
+    # count, not only the first.
+    import base64
+    import json
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    async def test() -> None:
+        store = store_for(etcd, prefix, base_file(tmp_path))
+        try:
+            feed = store.watch(await store.load())
+            etcd.call("/v3/kv/txn", {"success": [
+                {"request_put": {"key": b64(f"{prefix}/routes/t{n}"),
+                                 "value": b64(json.dumps(route(f"/t/{n}")))}}
+                for n in range(5)]})
+            state = await next_state(feed)
+            assert uris(state) == {f"t{n}": f"/t/{n}" for n in range(5)}
+        finally:
+            await store.close()
+
+    run(test)
+
+
 def test_load_on_the_same_store_does_not_hide_a_change_from_its_watch(
         etcd: Etcd, prefix: str, tmp_path: Path) -> None:
     # The Admin API loads through the follower's own store: what that load brings in must

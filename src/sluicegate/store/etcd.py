@@ -359,10 +359,14 @@ class EtcdStore(ConfigStore):
                              int(result.get("compact_revision") or 0))
         self._confirm()
         changed = False
+        # What a full load already holds. Taken before the loop: the events of one txn share
+        # its revision, and comparing each with the revision the previous one set would
+        # drop all but the first (an Admin API batch is one txn).
+        loaded = self._revision
         for event in result.get("events", []):
             kv = event.get("kv", {})
             revision = int(kv.get("mod_revision", 0))
-            if revision <= self._revision:
+            if revision <= loaded:
                 continue  # a full load already holds it
             if event.get("type") == "DELETE":
                 self._raw.pop(_unb64(kv["key"]).decode(errors="replace"), None)
