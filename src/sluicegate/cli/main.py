@@ -116,6 +116,32 @@ COMMANDS = [
                                                "per interface, reason and deny rule; flow "
                                                "totals, ports, remotes, retransmits)"}),
             ]),
+    Command("bench", "benchmarks in network namespaces (root). interception: explicit proxy vs "
+            "TPROXY vs eBPF sk_lookup side by side (connection rate, keep-alive req/s, p50/p99, "
+            "bulk Gbit/s per copy path and haproxy-tcp, rule scaling, flood drop rates); prints "
+            "a table, writes PNG plots and the Markdown report",
+            "sluicegate bench interception --parts core --duration 3 --runs 1    # as root",
+            "cmd_bench", [
+                Argument(("action",), {"choices": ["interception"],
+                                       "help": "interception: TPROXY vs eBPF (issue 4)"}),
+                Argument(("--parts",), {"default": "core,scaling,flood", "metavar": "LIST",
+                                        "help": "comma-separated parts to measure: core, "
+                                                "scaling, flood (default: all); a part not "
+                                                "measured is reported as such"}),
+                Argument(("--duration",), {"type": int, "default": 10, "metavar": "S",
+                                           "help": "measured seconds per window (default 10)"}),
+                Argument(("--runs",), {"type": int, "default": 3, "metavar": "N",
+                                       "help": "runs per measurement; medians are reported "
+                                               "(default 3)"}),
+                Argument(("--out",), {"metavar": "DIR", "help": "results: <part>.json, raw "
+                                      "files, PNGs (default /tmp/sluicegate-bench/"
+                                      "interception-<UTC time>)"}),
+                Argument(("--doc",), {"default": "docs/tproxy-vs-ebpf.md", "metavar": "PATH",
+                                      "help": "the Markdown report; its plots go to img/ next "
+                                              "to it (default docs/tproxy-vs-ebpf.md)"}),
+                Argument(("--no-plots",), {"action": "store_true",
+                                           "help": "no PNGs (matplotlib not needed)"}),
+            ]),
     Command("worker", "internal: one worker process started by `run --workers N`",
             "", "cmd_worker", [
                 Argument(("-c", "--config"), {"required": True}),
@@ -445,3 +471,90 @@ def cmd_config(args: argparse.Namespace) -> int:
         return _admin_failed(reply)
     print(yaml.safe_dump(reply.body["value"], sort_keys=False, allow_unicode=True), end="")
     return ExitCode.OK
+
+
+def _run_part(command: list[str]) -> int | None:
+    """Run one benchmark part to its end: its exit code, None when interrupted. Ctrl-C reaches
+    the part too (same process group) and SIGTERM is passed on; either way we wait while it
+    removes its namespaces, rather than leave it orphaned."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(command)
+    interrupted = False
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                rc = child.wait()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return None if interrupted else rc
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+    import os
+    import time
+    from pathlib import Path
+
+    from sluicegate.benchrig import PARTS
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        print(f"error: --parts: unknown part {', '.join(unknown) or '(none given)'} "
+              f"(choose from {', '.join(PARTS)})", file=sys.stderr)
+        return ExitCode.USAGE
+    if args.duration < 1 or args.runs < 1:
+        print("error: --duration and --runs must be at least 1", file=sys.stderr)
+        return ExitCode.USAGE
+    if os.geteuid() != 0:
+        print("error: sluicegate bench interception needs root (network namespaces, "
+              "nftables, BPF): run it with sudo", file=sys.stderr)
+        return ExitCode.NOT_AVAILABLE
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        print("error: the plots need matplotlib: pip install 'sluicegate[bench]' (or give "
+              "--no-plots)", file=sys.stderr)
+        return ExitCode.NOT_AVAILABLE
+    out = Path(args.out or f"/tmp/sluicegate-bench/interception-"
+               f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    # Each part in its own process: it owns its namespaces and cleans them up on its own exit.
+    for part in parts:
+        module = f"sluicegate.benchrig.{part}"
+        if importlib.util.find_spec(module) is None:
+            print(f"[bench] part {part}: not available in this install ({module})",
+                  file=sys.stderr)
+            failed.append(part)
+            continue
+        print(f"[bench] part {part} -> {out}/{part}.json", file=sys.stderr)
+        rc = _run_part([sys.executable, "-m", module, "--out", str(out),
+                        "--duration", str(args.duration), "--runs", str(args.runs)])
+        if rc is None:
+            print("[bench] interrupted", file=sys.stderr)
+            return ExitCode.RUNTIME_ERROR
+        if rc != 0:
+            print(f"[bench] part {part} failed (exit {rc}); reported as not measured",
+                  file=sys.stderr)
+            failed.append(part)
+
+    from sluicegate.benchrig.report import ReportError, write_report
+
+    try:
+        print(write_report(out, Path(args.doc), plots=not args.no_plots))
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.RUNTIME_ERROR
+    print(f"[bench] results in {out}; report {args.doc}", file=sys.stderr)
+    return ExitCode.RUNTIME_ERROR if failed else ExitCode.OK
