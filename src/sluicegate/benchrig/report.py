@@ -209,6 +209,11 @@ def target_xdp(parts: dict) -> Target:
     if r is not None and offered and xdp is not None and xdp >= 0.95 * offered:
         # XDP kept up with the whole flood: the generator, not XDP, set the rate.
         measured += "; a lower bound: XDP dropped about all it was offered"
+    per_cpu = _ratio(_num(flood_row(parts, "xdp"), "dropped_pps_per_cpu"),
+                     _num(flood_row(parts, "userspace"), "dropped_pps_per_cpu"))
+    if per_cpu is not None:
+        # What each path drops per CPU second it spends: not bounded by the generator.
+        measured += f"; per CPU used: {fx(per_cpu)}"
     return Target("XDP drop vs user-space rejection", "XDP ≥ 20x the packets/s", measured,
                   _verdict(None if r is None else r >= XDP_RATIO_MIN))
 
@@ -327,9 +332,11 @@ def flood_table(parts: dict) -> list[str]:
         rows.append([FLOOD_LABELS[path], fmt(_num(r, "offered_pps")),
                      fmt(_num(r, "dropped_pps")),
                      NOT_MEASURED if reached is None else f"{reached:,}",
-                     fmt(_num(r, "cpu_pct"), 0), (r or {}).get("note") or ""])
+                     fmt(_num(r, "cpu_pct"), 0), fmt(_num(r, "dropped_pps_per_cpu")),
+                     (r or {}).get("note") or ""])
     return _md(["path", "offered packets/s", "dropped packets/s", "reached user space",
-                "CPU %", "note"], rows, ["---", "---:", "---:", "---:", "---:", "---"])
+                "CPU %", "dropped per CPU-second", "note"], rows,
+               ["---", "---:", "---:", "---:", "---:", "---:", "---"])
 
 
 def text_table(parts: dict) -> str:
