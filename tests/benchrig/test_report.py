@@ -121,11 +121,11 @@ def test_report_judges_each_target_from_the_numbers(results: Path, tmp_path: Pat
     assert verdicts(doc) == {
         "eBPF vs TPROXY connection rate": "met",            # 17,835 / 17,159 = 1.04x
         "rule scaling 10 → 100,000 prefixes": "met",        # -0.6 % and -0.3 %
-        "splice vs haproxy-tcp": "not met",                 # 1.98x throughput, 0.48x CPU
+        "kernel copy (sockmap, splice) vs haproxy-tcp": "not met",  # 1.98x throughput, 0.48x CPU
         "XDP drop vs user-space rejection": "met",          # 50x
     }
     assert "1.04x (17,835 vs 17,159 connections/s)" in doc
-    assert "splice 1.98x haproxy-tcp throughput at 0.48x its CPU per GB" in doc
+    assert "splice: 1.98x haproxy-tcp throughput at 0.48x its CPU per GB" in doc
     assert ("TPROXY (nftables) -0.6 % (gateway CPU per connection +0.0 %); "
             "eBPF sk_lookup -0.3 % (gateway CPU per connection +0.0 %)") in doc
     assert "50.00x (5,000,000 vs 100,000 packets/s); a lower bound: XDP dropped about all it " \
@@ -139,7 +139,7 @@ def test_report_judges_each_target_from_the_numbers(results: Path, tmp_path: Pat
     assert verdicts(doc_path.read_text()) == {
         "eBPF vs TPROXY connection rate": "not met",
         "rule scaling 10 → 100,000 prefixes": "not met",    # TPROXY -11.8 %
-        "splice vs haproxy-tcp": "met",                     # 1.98x at 0.16x
+        "kernel copy (sockmap, splice) vs haproxy-tcp": "met",  # 1.98x at 0.16x
         "XDP drop vs user-space rejection": "not met",      # 15x
     }
 
@@ -170,7 +170,7 @@ def test_a_missing_part_is_reported_as_not_measured(tmp_path: Path) -> None:
     assert verdicts(doc) == {
         "eBPF vs TPROXY connection rate": "met",
         "rule scaling 10 → 100,000 prefixes": "not measured",
-        "splice vs haproxy-tcp": "not met",
+        "kernel copy (sockmap, splice) vs haproxy-tcp": "not met",
         "XDP drop vs user-space rejection": "not measured",
     }
     assert "- **scaling**: not measured (no scaling.json)." in doc
