@@ -52,7 +52,7 @@ ROOT="$(cd "$BENCH_DIR/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PY="${PY:-$VENV/bin/python}"                 # runs fake_llm.py
 SLUICEGATE="${SLUICEGATE:-$VENV/bin/sluicegate}"
-HELPER_PY="${HELPER_PY:-python3}"            # runs summarize.py and ai_load.py (stdlib only)
+HELPER_PY="${HELPER_PY:-$PY}"                # runs summarize.py (imports sluicegate.benchrig) and ai_load.py
 LITELLM_VENV="${LITELLM_VENV:-/opt/sluicegate-bench/litellm-venv}"
 LITELLM_SPEC="${LITELLM_SPEC:-litellm[proxy]}"   # pin here for a reproducible peer, e.g. litellm[proxy]==1.108.7
 # litellm[proxy] lacks opentelemetry-sdk, and its key check then retries a failing import on

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Helpers of bench/ai.sh (stdlib only): a raw-socket OpenAI client and the result table.
+"""Helpers of bench/ai.sh: a raw-socket OpenAI client and the result table.
 
     ai_load.py check URL KEY MODEL [--stream]
         One chat completion through URL (…/chat/completions); exit 1 unless the answer is
@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from summarize import parse_wrk  # bench/summarize.py, stdlib only
+from summarize import parse_wrk  # bench/summarize.py
 
 TOKEN = b"echo:"  # the first content token of the fake providers' answers
 LABELS = {"direct": "direct (fake provider)", "sluicegate": "sluicegate ai-proxy",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Helpers of bench/http_proxy.sh (stdlib only, Linux /proc).
+"""Helpers of bench/http_proxy.sh and bench/ai.sh (Linux /proc; the python that has sluicegate).
 
     summarize.py snap FILE
         /proc snapshot: per-CPU counters of /proc/stat, utime+stime (and reaped children's)
@@ -25,13 +25,24 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 
-HZ = os.sysconf("SC_CLK_TCK")
+# The /proc accounting and the wrk/table helpers are shared with `sluicegate bench
+# interception` (sluicegate.benchrig): run this with the python that has sluicegate.
+from sluicegate.benchrig.cpuacct import cpu_window, quiet, snap
+from sluicegate.benchrig.summary import (
+    _fmt_ms,
+    _fmt_rps,
+    _load_json,
+    _median,
+    _meta,
+    _setting,
+    _us_per_req,
+    keep,
+    parse_wrk,
+)
 
 LABELS = {
     "direct": "direct (backend)",
@@ -68,207 +79,9 @@ TARGETS = [
 
 
 # ------------------------------------------------------------------ /proc accounting
-def snap() -> dict:
-    cpus = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                parts = line.split()
-                cpus[parts[0]] = [int(x) for x in parts[1:9]]
-    procs = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        rest = stat[stat.rindex(")") + 2:].split()
-        # rest: 0 state, 1 ppid, 2 pgrp, 11 utime, 12 stime, 13 cutime, 14 cstime
-        procs[pid] = {"comm": comm, "ppid": rest[1], "pgid": rest[2],
-                      "u": int(rest[11]), "s": int(rest[12]),
-                      "t": int(rest[11]) + int(rest[12]), "ct": int(rest[13]) + int(rest[14])}
-    return {"cpus": cpus, "procs": procs}
-
-
-def _descendants(procs: dict, root: str) -> set[str]:
-    children: dict[str, list[str]] = {}
-    for pid, p in procs.items():
-        children.setdefault(p["ppid"], []).append(pid)
-    seen, stack = set(), [root]
-    while stack:
-        pid = stack.pop()
-        if pid not in seen:
-            seen.add(pid)
-            stack.extend(children.get(pid, []))
-    return seen
-
-
-def _used(before: dict, after: dict, pids: set[str]) -> dict[str, int]:
-    """Ticks used inside the window by `pids`, including children they reaped in it."""
-    used = {}
-    for pid in pids:
-        a, b = after["procs"].get(pid), before["procs"].get(pid)
-        if a is None:
-            continue
-        used[pid] = (a["t"] + a["ct"]) - (b["t"] + b["ct"] if b else 0)
-    # A child reaped in the window adds its whole life to the reaper's cutime/cstime:
-    # take back what it had used before the window.
-    for pid in pids:
-        b = before["procs"].get(pid)
-        if b is not None and pid not in after["procs"]:
-            reaper = b["ppid"]
-            for _ in range(16):
-                if reaper in used or reaper not in before["procs"]:
-                    break
-                reaper = before["procs"][reaper]["ppid"]
-            key = reaper if reaper in used else "?"
-            used[key] = used.get(key, 0) - (b["t"] + b["ct"])
-    return used
-
-
-def cpu_window(before: dict, after: dict, root: str, load_cpu: str, proxy_cpu: str,
-               proxy_pgid: str) -> dict:
-    out: dict = {"cpus": {}}
-    spans, busy_ticks = [], 0
-    for name, a in after["cpus"].items():
-        b = before["cpus"].get(name)
-        if not b:
-            continue
-        # user nice system idle iowait irq softirq steal
-        d = [x - y for x, y in zip(a, b, strict=True)]
-        total = sum(d)
-        if total <= 0:
-            continue
-        spans.append(total)
-        busy_ticks += d[0] + d[1] + d[2]
-        busy = 100.0 * (total - d[3] - d[4] - d[7]) / total
-        out["cpus"][name] = {"busy": round(busy, 1), "steal": round(100.0 * d[7] / total, 1),
-                             "softirq": round(100.0 * d[6] / total, 1)}
-    per_cpu = sum(spans) / len(spans) if spans else 1
-    out["window_s"] = per_cpu / HZ
-    out["load_busy"] = out["cpus"].get(f"cpu{load_cpu}", {}).get("busy")
-    out["proxy_busy"] = out["cpus"].get(f"cpu{proxy_cpu}", {}).get("busy")
-    out["steal_max"] = max((c["steal"] for c in out["cpus"].values()), default=0.0)
-
-    procs = {**before["procs"], **after["procs"]}
-    kernel = {pid for pid, p in procs.items() if pid == "2" or p["ppid"] == "2"}
-    mine = _descendants(before["procs"], root) | _descendants(after["procs"], root)
-    others = set(procs) - mine - kernel
-    mine_t = sum(_used(before, after, mine).values())
-    kernel_t = sum(_used(before, after, kernel).values())
-    other_use = _used(before, after, others)
-    # Foreign CPU, the larger of two estimates: the other processes' own counters, and the
-    # /proc/stat process time nobody of ours explains (sees short-lived processes too).
-    direct = sum(other_use.values())
-    unexplained = busy_ticks - mine_t - kernel_t
-    out["foreign_pct"] = round(max(0.0, 100.0 * max(direct, unexplained) / per_cpu), 1)
-    top = sorted(((u, pid) for pid, u in other_use.items() if u > 0), reverse=True)[:3]
-    out["foreign_top"] = [f"{procs.get(pid, {}).get('comm', '?')}:{pid} "
-                          f"{100.0 * u / per_cpu:.1f}%" for u, pid in top]
-    out["mine_pct"] = round(100.0 * mine_t / per_cpu, 1)
-    out["kernel_threads_pct"] = round(100.0 * kernel_t / per_cpu, 1)
-
-    if proxy_pgid not in ("", "0"):
-        group = {pid for pid, p in procs.items() if p["pgid"] == proxy_pgid}
-        out["proxy_cpu_s"] = sum(_used(before, after, group).values()) / HZ
-        for key in ("u", "s"):   # user / system split of the group's own (not reaped) time
-            out[f"proxy_{'user' if key == 'u' else 'sys'}_s"] = sum(
-                after["procs"][p][key] - before["procs"].get(p, {}).get(key, 0)
-                for p in group if p in after["procs"]) / HZ
-        out["proxy_procs"] = sorted(f"{procs[p]['comm']}:{p}" for p in group)
-    else:
-        out["proxy_cpu_s"] = None
-    return out
-
-
-def quiet(root: str, max_pct: float, timeout: float) -> int:
-    """Wait (up to `timeout` s) for a 1-second window in which foreign CPU ≤ `max_pct`."""
-    import time
-
-    start = time.monotonic()
-    while True:
-        before = snap()
-        time.sleep(1.0)
-        foreign = cpu_window(before, snap(), root, "0", "0", "0")["foreign_pct"]
-        waited = time.monotonic() - start
-        if foreign <= max_pct:
-            if waited > 1.5:
-                print(f"    quiet after {waited:.0f} s (other procs {foreign:.0f}% CPU)",
-                      file=sys.stderr)
-            return 0
-        if waited >= timeout:
-            print(f"    not quiet after {waited:.0f} s (other procs {foreign:.0f}% CPU); "
-                  "measuring anyway", file=sys.stderr)
-            return 1
 
 
 # ------------------------------------------------------------------ wrk output
-_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    return float(m.group(1)) * _UNIT[m.group(2)] if m else float("nan")
-
-
-def parse_wrk(path: Path) -> dict:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    r: dict = {"rps": None, "requests": None, "p50": None, "p99": None, "non2xx": 0,
-               "sock_errors": {}, "notes": []}
-    if m := re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M):
-        r["rps"] = float(m.group(1))
-    if m := re.search(r"^\s+(\d+) requests in ([\d.]+)(\w+),", text, re.M):
-        r["requests"] = int(m.group(1))
-    for pct in ("50", "99"):
-        if m := re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", text, re.M):
-            r[f"p{pct}"] = _ms(m.group(1))
-    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", text):
-        r["non2xx"] = int(m.group(1))
-    sock = r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
-    if m := re.search(sock, text):
-        kinds = ("connect", "read", "write", "timeout")
-        r["sock_errors"] = {k: int(v) for k, v in zip(kinds, m.groups(), strict=True) if int(v)}
-    r["notes"] = [line[6:] for line in text.splitlines() if line.startswith("NOTE: ")]
-    return r
-
-
-def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def keep(base: str, attempts: int) -> None:
-    best, best_f = 1, float("inf")
-    for i in range(1, attempts + 1):
-        w = parse_wrk(Path(f"{base}.try{i}.txt"))
-        f = _load_json(Path(f"{base}.try{i}.cpu.json")).get("foreign_pct", 0.0)
-        if w["rps"] is None or any("wrk exited" in n for n in w["notes"]):
-            f = 1e9
-        if f < best_f:
-            best, best_f = i, f
-    shutil.copyfile(f"{base}.try{best}.txt", f"{base}.txt")
-    cpu = _load_json(Path(f"{base}.try{best}.cpu.json"))
-    cpu.update(attempts=attempts, kept=best)
-    Path(f"{base}.cpu.json").write_text(json.dumps(cpu, indent=1))
-    w = parse_wrk(Path(f"{base}.txt"))
-    us = _us_per_req(w, cpu)
-    print(f"    {_fmt_rps(w['rps'])} req/s  p50 {_fmt_ms(w['p50'])} ms  p99 {_fmt_ms(w['p99'])} ms"
-          f"  proxy {us if us is None else round(us, 1)} us/req"
-          f"  cpu load/proxy {cpu.get('load_busy')}/{cpu.get('proxy_busy')}%"
-          f"  foreign {cpu.get('foreign_pct')}%  non-2xx {w['non2xx']}"
-          + (f"  (attempt {best} of {attempts})"
-                                                    if attempts > 1 else ""))
-
-
-def _us_per_req(w: dict, cpu: dict) -> float | None:
-    if not w.get("requests") or cpu.get("proxy_cpu_s") is None:
-        return None
-    return cpu["proxy_cpu_s"] * 1e6 / w["requests"]
 
 
 def _split_us_per_req(w: dict, cpu: dict) -> tuple[float, float] | None:
@@ -284,31 +97,10 @@ def _core_us_per_req(w: dict, cpu: dict) -> float | None:
 
 
 # ------------------------------------------------------------------ table
-def _fmt_rps(v: float | None) -> str:
-    return "-" if v is None else f"{v:,.0f}"
-
-
-def _fmt_ms(v: float | None) -> str:
-    if v is None or v != v:
-        return "-"
-    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:,.0f}"
 
 
 def _fmt_ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x" if v >= 0.1 else f"{v:.3f}x"
-
-
-def _median(values: list) -> float | None:
-    values = [v for v in values if v is not None and v == v]
-    return statistics.median(values) if values else None
-
-
-def _meta(out: Path) -> dict[str, str]:
-    meta = {}
-    for line in (out / "meta.txt").read_text().splitlines() if (out / "meta.txt").exists() else []:
-        key, _, value = line.partition(": ")
-        meta[key] = value
-    return meta
 
 
 def table(out: Path) -> str:
@@ -495,11 +287,6 @@ def _plugin_table(cases: list[str], rows: dict, skipped: dict, detail: list) -> 
         lines += ["", f"The six plugins one at a time add {sum(singles):.1f} µs/req together; "
                   f"on one route they add {all_added:.1f} µs/req."]
     return lines
-
-
-def _setting(meta: dict, key: str) -> str:
-    m = re.search(rf"\b{key}=(\S+)", meta.get("settings", ""))
-    return m.group(1) if m else "?"
 
 
 # ------------------------------------------------------------------ py-spy profile
