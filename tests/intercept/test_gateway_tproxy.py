@@ -86,6 +86,18 @@ def test_seed_config_intercepts_http_and_sends_it_to_its_original_destination(ri
     assert body == f"server={rig.server_v4} remote={rig.gateway_server_v4}"
 
 
+def test_excluded_destination_on_the_listeners_port_is_not_intercepted(rig):
+    # The transparent listener is on 0.0.0.0:80, the captured port itself: a SYN to an
+    # excluded destination must not find it through the rule that lets intercepted
+    # connections skip the prefix lookups (it matches only sockets bound to a destination).
+    rig.start_nginx(80)
+    start_gateway(rig, seed(exclude=[f"{rig.server_v4}/32"]))
+    body, status = body_and_status(curl(rig, f"http://{rig.server_v4}/"))
+    assert status == 200 and body == f"server={rig.server_v4} remote={rig.client_v4}"
+    body, status = body_and_status(curl(rig, f"http://[{rig.server_v6}]/"))
+    assert status == 200 and body == f"server={rig.server_v6} remote={rig.gateway_server_v6}"
+
+
 def test_top_level_interception_block_intercepts_like_the_plugin_entry(rig):
     rig.start_nginx(80)
     start_gateway(rig, {"interception": {"listen": "0.0.0.0:80", "preserve_source": True},

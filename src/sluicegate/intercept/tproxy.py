@@ -18,6 +18,8 @@ would otherwise black-hole reused 4-tuples after the rules are gone (intercept/t
 The chain, in order (each rule counts packets and bytes; `status()` reports them):
 
     [preserve_source] meta l4proto {tcp, udp} socket transparent 1 meta mark set MARK accept
+    [else, with tcp] tcp dport {PORTS} socket transparent 1 socket wildcard 0 \
+        meta mark set MARK accept
     meta l4proto {PROTOS} th dport {PORTS} fib daddr type local return  # own addresses
     ip daddr {EXCLUDED} return / ip6 daddr {EXCLUDED} return
     [iifname {IFS}] tcp dport {PORTS} ip daddr {CIDRS} tproxy ip to :PORT meta mark set MARK accept
@@ -106,6 +108,19 @@ def rule_expressions(spec: InterceptSpec) -> list[tuple[str, list[dict[str, Any]
             _match({"socket": {"key": "transparent"}}, 1),
             counter, mark, {"accept": None}]))
     ports = [lo if lo == hi else {"range": [lo, hi]} for lo, hi in spec.port_ranges]
+    if not spec.preserve_source and "tcp" in spec.protocols:
+        # Packets of connections already intercepted find their (transparent) socket here
+        # and skip the FIB lookup and the destination set below: with 100,000 prefixes
+        # that set's lookup on every packet cost 8 % of the connection rate
+        # (docs/tproxy-vs-ebpf.md). preserve_source's rule above does the same for both.
+        # `socket wildcard 0`: an intercepted connection's socket, bound to the original
+        # destination; never the transparent listener on a wildcard address, which a SYN to
+        # any destination on its port would find (and skip the exclusions and prefixes).
+        rules.append(("intercepted connections", [
+            _match({"payload": {"protocol": "tcp", "field": "dport"}}, _set(ports)),
+            _match({"socket": {"key": "transparent"}}, 1),
+            _match({"socket": {"key": "wildcard"}}, 0),
+            counter, mark, {"accept": None}]))
     # The FIB lookup only for packets to a captured port: the server's replies (and all
     # other forwarded traffic) skip it (docs/benchmarks.md: per-packet TPROXY cost).
     rules.append(("own addresses", [
