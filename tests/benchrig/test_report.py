@@ -14,8 +14,6 @@ import pytest
 
 from sluicegate.benchrig.report import ReportError, write_report
 
-pytest.importorskip("matplotlib")
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
