@@ -27,11 +27,15 @@ import argparse
 import asyncio
 import json
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+try:  # imported as servers.<module> (tests), or run as a script from tests/servers
+    from servers.aiohttp_thread import AppInThread
+except ImportError:
+    from aiohttp_thread import AppInThread  # type: ignore[no-redef]
 
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
                 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
@@ -78,14 +82,13 @@ def generate_response(text: str, prompt_tokens: int, completion_tokens: int | No
             "responseId": "fakegeminiresponse"}
 
 
-class FakeGemini:
+class FakeGemini(AppInThread):
+    thread_name = "fake-gemini"
+
     def __init__(self, api_key: str = "gemini-test-key", port: int = 0) -> None:
         self.api_key = api_key
         self.port = port
         self.requests: list[Recorded] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
 
     # -- running ---------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -94,40 +97,6 @@ class FakeGemini:
         app.router.add_post("/v1beta/models/{target}", self.handle)
         return app
 
-    async def start_async(self) -> None:
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    def start(self) -> FakeGemini:
-        """Serve from a thread of this process."""
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self.start_async())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="fake-gemini")
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("fake gemini did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._runner is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     # -- the API -----------------------------------------------------------------------------
     def _key_problem(self, request: web.Request) -> web.Response | None:

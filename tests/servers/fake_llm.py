@@ -44,6 +44,11 @@ from typing import Any
 
 from aiohttp import web
 
+try:  # imported as servers.<module> (tests), or run as a script from tests/servers
+    from servers.aiohttp_thread import AppInThread
+except ImportError:
+    from aiohttp_thread import AppInThread  # type: ignore[no-redef]
+
 SLOW_WORDS = 200
 SLOW_DELAY = 0.05
 
@@ -81,7 +86,10 @@ def _prompt_tokens(messages: list[Any], system: Any = None) -> int:
     return total
 
 
-class FakeLLM:
+class FakeLLM(AppInThread):
+    thread_name = "fake-llm"
+    shutdown_timeout = 1.0  # a test ends with no reason to wait for a hanging answer
+
     def __init__(self, api_key: str | None = None, port: int = 0, host: str = "127.0.0.1"
                  ) -> None:
         self.api_key = api_key
@@ -92,9 +100,6 @@ class FakeLLM:
         self.fault: str | None = None  # see the module docstring
         self.retry_after = "7"
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
 
     # -- running -----------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -105,43 +110,6 @@ class FakeLLM:
         app.router.add_get("/v1/models", self.models)
         return app
 
-    async def start_async(self) -> None:
-        # handler_cancellation: a client that leaves cancels its handler (and is counted);
-        # a short shutdown: a test ends with no reason to wait for a hanging answer.
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    def start(self) -> FakeLLM:
-        """Serve from a thread of this process."""
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self.start_async())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="fake-llm")
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("fake LLM did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._runner is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def address(self) -> str:

@@ -30,12 +30,16 @@ import asyncio
 import json
 import re
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+try:  # imported as servers.<module> (tests), or run as a script from tests/servers
+    from servers.aiohttp_thread import AppInThread
+except ImportError:
+    from aiohttp_thread import AppInThread  # type: ignore[no-redef]
 
 KNOB = re.compile(r"\[\[(\w+)(?::(\w+))?\]\]")
 ERROR_MESSAGES = {
@@ -68,7 +72,9 @@ def words(text: str) -> int:
     return len(text.split())
 
 
-class FakeWenxin:
+class FakeWenxin(AppInThread):
+    thread_name = "fake-wenxin"
+
     def __init__(self, api_key: str = "wenxin-ak", secret_key: str = "wenxin-sk",
                  token_ttl: int = 2592000, port: int = 0) -> None:
         self.api_key = api_key
@@ -78,9 +84,6 @@ class FakeWenxin:
         self.tokens: dict[str, float] = {}  # token -> expiry (monotonic)
         self.issued = 0
         self.requests: list[Recorded] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
 
     # -- running ---------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -90,40 +93,6 @@ class FakeWenxin:
                             self.chat)
         return app
 
-    async def start_async(self) -> None:
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    def start(self) -> FakeWenxin:
-        """Serve from a thread of this process."""
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(self.start_async())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="fake-wenxin")
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("fake wenxin did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._runner is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def expire_tokens(self) -> None:
         """Every token issued so far is expired from now on (error 111)."""
