@@ -30,6 +30,7 @@ from sluicegate.config.model import UpstreamConfig
 from sluicegate.http.balancer import make_balancer
 from sluicegate.http.health import (
     HTTP_FAILURE,
+    PROBE_USER_AGENT,
     SUCCESS,
     TCP_FAILURE,
     HealthCheckedBalancer,
@@ -320,12 +321,18 @@ def test_https_probe_sends_host_as_header_and_tls_name():
 def test_passive_check_ejects_a_node_answering_500_and_active_brings_it_back(
         nginx: Nginx, echo: EchoUpstream, start_checked):
     # nginx answers /status/500 with 500; the echo upstream answers any path with 200.
+    probes_before = nginx.access_log().count(PROBE_USER_AGENT.decode())
     gateway = start_checked(checked_route([nginx, echo], {
         # Probes of / succeed on both; healthy ones are probed rarely so that no probe
         # success resets nginx's failure count while the test counts the 500s.
         "active": {"healthy": {"interval": 30, "successes": 3},
                    "unhealthy": {"interval": 0.3}},
         "passive": {"unhealthy": {"http_failures": 3}}}))
+    # The first probe goes out at start; its success would reset the count if it landed
+    # among the 500s, so count only after it (nginx logs it before the gateway reads it).
+    wait_until(lambda: nginx.access_log().count(PROBE_USER_AGENT.decode()) > probes_before,
+               "the first probe of nginx", gateway)
+    time.sleep(0.1)
     statuses = [fetch(gateway.port, "/status/500")[0] for _ in range(6)]
     assert statuses.count(500) == 3  # round robin: nginx got three requests
     assert node_status(gateway, "route-r1", nginx.address) == "unhealthy"
