@@ -18,9 +18,14 @@ Paths (the same flood each time; a fresh gateway per path and run):
              user space read); Udp RcvbufErrors = what the kernel dropped because the
              listener read too slowly (in the note)
 
-The generator (flood_gen.c, compiled with gcc into --out) sends prebuilt frames with
-AF_PACKET + PACKET_QDISC_BYPASS (or sendmmsg on a UDP socket, whichever the start-up probe
-measures faster), bounded by --duration and --max-packets, pinned to CPU 0.
+The generator, pinned to CPU 0 and bounded by --duration and --max-packets, is by default
+the kernel itself (`live_frames.py`): BPF_PROG_TEST_RUN in XDP live-frames mode redirects
+a prebuilt frame out of the source veth, so each frame reaches the gateway veth's ring as
+an xdp_frame with no sending stack and no skb (about 2x what a socket offers from one core
+here). Where that mode is missing (Linux < 5.18, or `--rx sender`: the gateway veth then
+has no NAPI to take such frames), `flood_gen.c` (compiled with gcc into --out) sends
+prebuilt frames with AF_PACKET + PACKET_QDISC_BYPASS, or sendmmsg on a UDP socket,
+whichever a start-up probe measures faster.
 
 Where the receive side runs (--rx): a veth hands a frame over on the CPU that sent it, so
 by default the kernel's drop work (XDP in the veth's NAPI, nftables and the stack in the
@@ -206,6 +211,9 @@ def pin_napi_threads() -> list[int]:
 
 
 # ------------------------------------------------------------------ the generator
+LIVE_FRAMES = "xdp-live"
+
+
 def build_generator(out: Path) -> Path:
     gcc = shutil.which("gcc")
     if gcc is None:
@@ -225,6 +233,10 @@ class Generator:
         self.mac = rig.gateway_mac()
 
     def argv(self, count: int, seconds: float) -> list[str]:
+        if self.mode == LIVE_FRAMES:
+            return [sys.executable, "-m", "sluicegate.benchrig.live_frames", SRC_IF, self.mac,
+                    SOURCE_IP, GATEWAY_IP, str(PORT), str(count), f"{seconds:g}",
+                    str(PAYLOAD), str(self.sources)]
         argv = [str(self.binary), self.mode, GATEWAY_IP, str(PORT), str(count), f"{seconds:g}",
                 str(PAYLOAD), SOURCE_IP]
         if self.mode == "packet":
@@ -238,12 +250,28 @@ class Generator:
         return json.loads(result.stdout)
 
 
-def choose_generator(binary: Path, rig: Rig, wanted: str, sources: int) -> tuple[str, dict]:
-    """`auto`: 1 s of each mode into an nftables drop (so the receiving side costs little),
-    twice, interleaved (a busy second on a shared machine must not decide it); the faster
-    mode wins. Returns (mode, {mode: best pps})."""
+def live_frames_work(rig: Rig, sources: int) -> bool:
+    """Whether the kernel can be the packet source here (a short live-frames flood)."""
+    try:
+        sent = Generator(Path(), rig, LIVE_FRAMES, sources).flood(1 << 16, 0.2)["sent"]
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError) as error:
+        log(f"generator probe: {LIVE_FRAMES} does not run here ({str(error).strip()[:200]})")
+        return False
+    return sent > 0
+
+
+def choose_generator(out: Path, rig: Rig, wanted: str, sources: int,
+                     rx: str) -> tuple[str, dict, Path]:
+    """`auto`: the kernel's live frames when they run (rx gateway only: the gateway veth
+    needs NAPI for them); otherwise 1 s of each socket mode into an nftables drop (so the
+    receiving side costs little), twice, interleaved (a busy second on a shared machine
+    must not decide it), and the faster wins. Returns (mode, {mode: best pps}, binary)."""
+    if wanted == LIVE_FRAMES or (wanted == "auto" and rx == "gateway"
+                                 and live_frames_work(rig, sources)):
+        return LIVE_FRAMES, {}, Path()
+    binary = build_generator(out)
     if wanted != "auto":
-        return wanted, {}
+        return wanted, {}, binary
     nft_drop(rig)
     probes: dict[str, float] = {}
     # A UDP socket cannot spoof: with several sources only the packet mode can run.
@@ -257,7 +285,7 @@ def choose_generator(binary: Path, rig: Rig, wanted: str, sources: int) -> tuple
     best = max(probes, key=lambda mode: probes[mode])
     log("generator probe: " + ", ".join(f"{m} {p / 1e6:.2f} Mpps" for m, p in probes.items())
         + f" -> {best}")
-    return best, probes
+    return best, probes, binary
 
 
 # ------------------------------------------------------------------ counters
@@ -536,7 +564,7 @@ class Bench:
         seconds = flood["seconds"]
         notes.append(what)
         notes.append(f"generator {flood['mode']}: {flood['sent']} packets in {seconds:.2f} s"
-                     f" ({flood['errors']} failed sendmmsg calls)")
+                     f" ({flood['errors']} failed calls)")
         notes.append(f"gateway veth rx {delta['gw_rx_packets'] / seconds:,.0f}/s "
                      f"(rx_dropped {delta['gw_rx_dropped']}), source veth tx_dropped "
                      f"{delta['src_tx_dropped']}")
@@ -568,8 +596,10 @@ class Bench:
         short += problems
         notes += problems
         # Offered: what the generator sent plus what the veth refused (its ring to the
-        # receiving NAPI was full: the receive side fell behind).
-        offered = flood["sent"] + delta["src_tx_dropped"]
+        # receiving NAPI was full: the receive side fell behind). Live frames count the
+        # refused ones in "sent" already (the program redirected them).
+        offered = flood["sent"] + (0 if flood["mode"] == LIVE_FRAMES
+                                   else delta["src_tx_dropped"])
         row = {"path": path, "offered_pps": offered / seconds,
                "dropped_pps": dropped / seconds, "reached_userspace": read,
                "cpu_pct": round(cpu["gateway_side_pct"], 1),
@@ -660,7 +690,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="extra attempts per window when the machine was busy")
     parser.add_argument("--quiet-wait", type=float, default=10.0,
                         help="before each window, wait up to this many s for a quiet second")
-    parser.add_argument("--generator", choices=("auto", "packet", "udp"), default="auto")
+    parser.add_argument("--generator", choices=("auto", LIVE_FRAMES, "packet", "udp"),
+                        default="auto")
     parser.add_argument("--sources", type=int, default=1,
                         help=f"spoofed flood sources (packet generator only, 1-{MAX_SOURCES})")
     parser.add_argument("--rx", choices=("gateway", "sender"), default="gateway",
@@ -681,6 +712,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--sources: 1-{MAX_SOURCES}")
     if args.sources > 1 and args.generator == "udp":
         parser.error("--sources: more than 1 needs the packet generator")
+    if args.generator == LIVE_FRAMES and args.rx != "gateway":
+        parser.error(f"--generator {LIVE_FRAMES} needs --rx gateway (GRO gives the gateway "
+                     "veth the NAPI such frames need)")
     if not 1 <= args.max_packets <= 100_000_000:
         parser.error("--max-packets: 1-100000000")
     paths = [p for p in args.paths.split(",") if p]
@@ -718,7 +752,6 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     try:
         sweep_stale()
-        binary = build_generator(out)
         if "xdp" in args.path_list:
             # `ip netns exec` remounts /sys: the pins live on a bpffs outside it.
             bpffs_mount.mkdir(parents=True, exist_ok=True)
@@ -726,7 +759,8 @@ def main(argv: list[str] | None = None) -> int:
             mounted = True
         rig.up(args.rx)
         log(f"rig up: {rig.source} ({SOURCE_IP}) -- {rig.gateway} ({GATEWAY_IP})")
-        mode, probes = choose_generator(binary, rig, args.generator, args.sources)
+        mode, probes, binary = choose_generator(out, rig, args.generator, args.sources,
+                                                args.rx)
         generator = Generator(binary, rig, mode, args.sources)
         bench = Bench(args, out, rig, bpffs_mount / "sluicegate", generator)
         per_run = []
@@ -747,15 +781,18 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(), "load_cpu": LOAD_CPU, "gateway_cpu": GW_CPU,
             "generator": {"mode": mode, "probe_pps": probes, "payload_bytes": PAYLOAD,
                           "sources": args.sources, "max_packets": args.max_packets,
-                          "source": "src/sluicegate/benchrig/flood_gen.c"},
+                          "source": ("src/sluicegate/benchrig/live_frames.py"
+                                     if mode == LIVE_FRAMES
+                                     else "src/sluicegate/benchrig/flood_gen.c")},
             "rig": f"{rig.source} {SOURCE_IP} ({SRC_IF}) -- veth -- {rig.gateway} "
                    f"{GATEWAY_IP} ({GW_IF}); UDP to {GATEWAY_IP}:{PORT}; deny {DENY_PREFIX}",
             "method": [
-                "flood_gen pinned to CPU 0 in the source ns; sluicegate pinned to CPU 1 in the "
-                "gateway ns; a fresh gateway per path and run; warm-up flood discarded; runs "
-                "interleaved (even runs reversed); medians over runs",
-                "offered_pps: packets the generator sent + those its veth refused (tx_dropped:"
-                " the receiving side's ring was full) / the generator's elapsed time",
+                f"the generator ({mode}) pinned to CPU 0 in the source ns; sluicegate pinned "
+                "to CPU 1 in the gateway ns; a fresh gateway per path and run; warm-up flood "
+                "discarded; runs interleaved (even runs reversed); medians over runs",
+                "offered_pps: packets the generator sent (live frames: redirected) + those "
+                "its veth refused (tx_dropped: the receiving side's ring was full; live frames "
+                "count them in sent already) / the generator's elapsed time",
                 "dropped_pps: xdp = the deny rule's counter (pinned sg_xdp_rules), nftables = "
                 "the netdev ingress rule's counter, userspace = Udp InDatagrams of the gateway "
                 "ns (each datagram read is discarded: no stream route matches its source), "
@@ -770,11 +807,15 @@ def main(argv: list[str] | None = None) -> int:
                 "dropped_pps_per_cpu: dropped_pps / (cpu_pct / 100): drop capacity per CPU, "
                 "comparable even when the generator, not the drop path, is the limit (xdp and "
                 "nftables drop all they are offered)",
-                "veth caveat: XDP here gets skbs the sender already built (generic XDP, and "
-                "the veth driver for native XDP, re-copy any skb with under 256 bytes of "
-                "headroom, as these have), so it saves only the stack after it; on a NIC, "
-                "native XDP drops before any skb exists: expect XDP's lead over nftables to "
-                "be larger there",
+                ("live frames reach the gateway veth as xdp_frames: native XDP drops them "
+                 "before any skb exists, as on a NIC; for nftables and the stack the veth "
+                 "builds the skb from the frame, as a NIC driver would"
+                 if mode == LIVE_FRAMES else
+                 "veth caveat: XDP here gets skbs the sender already built (generic XDP, and "
+                 "the veth driver for native XDP, re-copy any skb with under 256 bytes of "
+                 "headroom, as these have), so it saves only the stack after it; on a NIC, "
+                 "native XDP drops before any skb exists: expect XDP's lead over nftables to "
+                 "be larger there"),
                 "user space has no deny list for UDP stream routes (ip-restriction is HTTP "
                 "only): the nearest real user-space rejection is the stream route table "
                 "refusing the source (route remote_addr " + ALLOWED_PREFIX + ")",

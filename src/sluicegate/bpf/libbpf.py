@@ -130,6 +130,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bpf_prog_query": (i, [i, i, u32, ctypes.POINTER(u32), ctypes.POINTER(u32),
                                ctypes.POINTER(u32)]),
         "libbpf_num_possible_cpus": (i, []),
+        "bpf_prog_load": (i, [i, c, c, p, ctypes.c_size_t, p]),
+        "bpf_prog_test_run_opts": (i, [i, p]),
     }
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
@@ -326,6 +328,43 @@ class BpfObject:
         if self.pointer is not None:
             library().bpf_object__close(self.pointer)
             self.pointer = None
+
+
+# -- raw programs and test runs -------------------------------------------------------------
+
+class _TestRunOpts(ctypes.Structure):
+    # struct bpf_test_run_opts of libbpf 1.1 (bpf/bpf.h), `sz` first.
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p),
+                ("data_out", ctypes.c_void_p), ("data_size_in", ctypes.c_uint32),
+                ("data_size_out", ctypes.c_uint32), ("ctx_in", ctypes.c_void_p),
+                ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+                ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+                ("batch_size", ctypes.c_uint32)]
+
+
+def load_instructions(prog_type: int, name: str, instructions: bytes) -> int:
+    """Load a program given as raw `struct bpf_insn` bytes (8 each); returns its fd. For
+    programs of a few instructions that need no object file (the bench's frame source)."""
+    buffer = ctypes.create_string_buffer(instructions, len(instructions))
+    return _check(library().bpf_prog_load(prog_type, name.encode(), b"GPL", buffer,
+                                          len(instructions) // 8, None),
+                  f"loading the program {name}")
+
+
+def test_run(prog_fd: int, data: bytes, repeat: int, flags: int = 0,
+             batch_size: int = 0) -> int:
+    """BPF_PROG_TEST_RUN `repeat` times on `data`; returns the program's last verdict.
+    With BPF_F_TEST_XDP_LIVE_FRAMES an XDP program's verdicts are carried out (a redirect
+    transmits the frame): the kernel's own packet source."""
+    buffer = ctypes.create_string_buffer(data, len(data))
+    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(buffer),
+                        data_size_in=len(data), repeat=repeat, flags=flags,
+                        batch_size=batch_size)
+    _check(library().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)),
+           "running the program (BPF_PROG_TEST_RUN)")
+    return opts.retval
 
 
 # -- pins -----------------------------------------------------------------------------------
