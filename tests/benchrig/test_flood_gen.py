@@ -1,8 +1,9 @@
 """The flood part of `sluicegate bench interception` without the full bench: the generators
 (the kernel's XDP live frames; flood_gen.c, compiled here with gcc) send exactly what they
 were asked to a UDP socket in a namespace rig, from one address or spoofed ones, and live
-frames the receiving side has no room for are counted by the veth; bad input is refused naming the field; the
-gateway configs the bench writes are valid sluicegate configs; stale rigs are swept."""
+frames the receiving side has no room for are counted by the veth; bad input is refused
+naming the field; the gateway configs the bench writes are valid sluicegate configs; stale
+rigs are swept."""
 
 from __future__ import annotations
 
