@@ -133,7 +133,9 @@ def test_live_frames_are_each_received_or_counted_as_refused_by_the_veth(napi_ri
         flood.nft_remove(napi_rig)
     refused = after["src_tx_dropped"] - before["src_tx_dropped"]
     assert report["sent"] == 2_000_000
-    assert dropped_by_rule + refused == 2_000_000, (dropped_by_rule, refused)
+    # tx_dropped may also hold a packet of the source ns's own stack (IPv6 neighbour
+    # discovery, say) that met the full ring: a handful at most.
+    assert 0 <= dropped_by_rule + refused - 2_000_000 <= 10, (dropped_by_rule, refused)
     assert dropped_by_rule > 0
 
 

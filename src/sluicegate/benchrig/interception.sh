@@ -77,6 +77,11 @@ LOADS="${LOADS:-keepalive close bulk}"
 CASES="${CASES:-direct explicit tproxy ebpf haproxy}"
 L4_COPIES="${L4_COPIES:-splice sockmap}"    # bulk: each gateway case once per copy path
 PRESERVE_SOURCE="${PRESERVE_SOURCE:-0}"      # 1: tproxy cases with preserve_source: true
+# 1: RPS on the gateway ns's two veths sends their receive work to GW_CPU. A veth delivers on
+# the sending CPU, so by default the gateway ns's receive path (and with it everything the
+# sockmap copy path does, in softirq and a work queue) runs on the load CPU; RPS_GW=1 puts
+# all of the gateway's kernel work on the gateway's core, for every case alike.
+RPS_GW="${RPS_GW:-0}"
 SG_REV="${SG_REV:-}"                         # empty: the working tree; else a git revision to export
 OUT="${OUT:-/tmp/sluicegate-bench/interception-$(date +%Y%m%d-%H%M%S)}"
 
@@ -228,6 +233,13 @@ rig_up() {
     # only (all cases alike): the full port range and TIME_WAIT reuse for outgoing connections.
     nsx "$NS_C" sh -c 'echo "1024 65535" > /proc/sys/net/ipv4/ip_local_port_range &&
         echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse' || return 1
+    if [[ $RPS_GW == 1 ]]; then
+        local mask dev
+        mask=$(printf '%x' $((1 << GW_CPU)))
+        for dev in to-client to-server; do
+            nsx "$NS_G" sh -c "echo $mask > /sys/class/net/$dev/queues/rx-0/rps_cpus" || return 1
+        done
+    fi
 }
 
 rig_down() {
@@ -416,7 +428,7 @@ write_meta() {
     else
         echo "sluicegate_code: working tree $ROOT/src at $(git_state)"
     fi
-    echo "settings: DURATION=$DURATION IPERF_SECONDS=$IPERF_SECONDS RUNS=$RUNS WARMUP=$WARMUP CONNS=$CONNS THREADS=$THREADS LOAD_CPU=$LOAD_CPU BACKEND_CPU=$BACKEND_CPU GW_CPU=$GW_CPU NOISE_MAX=$NOISE_MAX NOISE_RETRIES=$NOISE_RETRIES QUIET_WAIT=$QUIET_WAIT PRESERVE_SOURCE=$PRESERVE_SOURCE SG_REV=${SG_REV:-<working tree>}"
+    echo "settings: DURATION=$DURATION IPERF_SECONDS=$IPERF_SECONDS RUNS=$RUNS WARMUP=$WARMUP CONNS=$CONNS THREADS=$THREADS LOAD_CPU=$LOAD_CPU BACKEND_CPU=$BACKEND_CPU GW_CPU=$GW_CPU NOISE_MAX=$NOISE_MAX NOISE_RETRIES=$NOISE_RETRIES QUIET_WAIT=$QUIET_WAIT PRESERVE_SOURCE=$PRESERVE_SOURCE RPS_GW=$RPS_GW SG_REV=${SG_REV:-<working tree>}"
     echo "loads: $LOADS"
     echo "cases: $CASES"
     echo "l4_copies: $L4_COPIES"

@@ -374,6 +374,9 @@ def table(out: Path) -> str:
     skipped, runs, rows, detail = c["skipped"], c["runs"], c["rows"], c["detail"]
 
     ps = " (preserve_source)" if _setting(meta, "PRESERVE_SOURCE") == "1" else ""
+    if _setting(meta, "RPS_GW") == "1":
+        ps += (f" RPS: the gateway ns's veths hand their receive work to CPU {gw_cpu}, so "
+               "all of the gateway's kernel work runs on its core.")
     lines = [
         f"## Interception benchmark: TPROXY and eBPF ({meta.get('date', '?')})",
         "",
