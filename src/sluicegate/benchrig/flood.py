@@ -603,6 +603,7 @@ class Bench:
         row = {"path": path, "offered_pps": offered / seconds,
                "dropped_pps": dropped / seconds, "reached_userspace": read,
                "cpu_pct": round(cpu["gateway_side_pct"], 1),
+               "process_cpu_pct": round(cpu["gateway_process_pct"], 1),
                "dropped_pps_per_cpu": (dropped / seconds / (cpu["gateway_side_pct"] / 100)
                                        if cpu["gateway_side_pct"] > 0 else None),
                "note": "; ".join(short), "notes": notes, "run": run_index,
@@ -628,6 +629,8 @@ def median_rows(per_run: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "dropped_pps": round(statistics.median(r["dropped_pps"] for r in mine), 1),
             "reached_userspace": int(statistics.median(r["reached_userspace"] for r in mine)),
             "cpu_pct": round(statistics.median(cpus), 1) if cpus else None,
+            "process_cpu_pct": round(statistics.median(
+                r.get("process_cpu_pct") or 0.0 for r in mine), 1),
             "dropped_pps_per_cpu": round(statistics.median(per_cpu), 1) if per_cpu else None,
             "note": middle["note"] + (f" (run {middle['run']}, the median of {len(mine)})"
                                       if len(mine) > 1 else ""),
@@ -805,8 +808,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_pct: sluicegate's process group + the veth's NAPI kthread + softirq time "
                 "of all CPUs, in % of one CPU: everything the gateway side spent",
                 "dropped_pps_per_cpu: dropped_pps / (cpu_pct / 100): drop capacity per CPU, "
-                "comparable even when the generator, not the drop path, is the limit (xdp and "
-                "nftables drop all they are offered)",
+                "comparable also when the generator, not the drop path, is the limit",
                 ("live frames reach the gateway veth as xdp_frames: native XDP drops them "
                  "before any skb exists, as on a NIC; for nftables and the stack the veth "
                  "builds the skb from the frame, as a NIC driver would"
