@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sluicegate.benchrig import flood
+from sluicegate.benchrig import flood, flood_generator, flood_rig
 
 needs_rig = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("gcc") is None,
                                reason="needs root (network namespaces) and gcc")
@@ -46,8 +46,8 @@ RECEIVER = textwrap.dedent("""
 
 
 @pytest.fixture(name="rig")
-def rig_fixture() -> Iterator[flood.Rig]:
-    rig = flood.Rig()
+def rig_fixture() -> Iterator[flood_rig.Rig]:
+    rig = flood_rig.Rig()
     try:
         rig.up("sender")
         yield rig
@@ -59,13 +59,14 @@ def rig_fixture() -> Iterator[flood.Rig]:
 
 @pytest.fixture(name="binary")
 def binary_fixture(tmp_path: Path) -> Path:
-    return flood.build_generator(tmp_path)
+    return flood_generator.build_generator(tmp_path)
 
 
-def receive(rig: flood.Rig, generator: flood.Generator, count: int) -> tuple[dict, dict]:
+def receive(rig: flood_rig.Rig, generator: flood_generator.Generator,
+            count: int) -> tuple[dict, dict]:
     """(the generator's report, datagrams per source the receiver got)."""
     receiver = subprocess.Popen(["ip", "netns", "exec", rig.gateway, sys.executable, "-c",
-                                 RECEIVER, str(flood.PORT), str(count)],
+                                 RECEIVER, str(flood_rig.PORT), str(count)],
                                 stdout=subprocess.PIPE, text=True)
     try:
         assert receiver.stdout is not None
@@ -80,14 +81,14 @@ def receive(rig: flood.Rig, generator: flood.Generator, count: int) -> tuple[dic
 
 @needs_rig
 def test_flood_gen_sends_the_count_it_was_asked_over_a_udp_socket(rig, binary):
-    report, counts = receive(rig, flood.Generator(binary, rig, "udp", 1), 3000)
+    report, counts = receive(rig, flood_generator.Generator(binary, rig, "udp", 1), 3000)
     assert report["mode"] == "udp" and report["sent"] == 3000 and report["errors"] == 0
-    assert counts == {flood.SOURCE_IP: 3000}
+    assert counts == {flood_rig.SOURCE_IP: 3000}
 
 
 @needs_rig
 def test_flood_gen_packet_mode_delivers_every_frame_from_spoofed_sources(rig, binary):
-    report, counts = receive(rig, flood.Generator(binary, rig, "packet", 3), 3000)
+    report, counts = receive(rig, flood_generator.Generator(binary, rig, "packet", 3), 3000)
     assert report["mode"] == "packet" and report["sent"] == 3000
     # Three sources from SOURCE_IP on, none of which the source namespace owns but the first.
     assert set(counts) == {"10.211.1.2", "10.211.1.3", "10.211.1.4"}
@@ -95,14 +96,18 @@ def test_flood_gen_packet_mode_delivers_every_frame_from_spoofed_sources(rig, bi
 
 
 @pytest.fixture(name="napi_rig")
-def napi_rig_fixture() -> Iterator[flood.Rig]:
+def napi_rig_fixture() -> Iterator[flood_rig.Rig]:
     """The bench's default rig: the gateway veth has GRO (so NAPI) and a pinned kthread."""
-    rig = flood.Rig()
+    rig = flood_rig.Rig()
     try:
         rig.up("gateway")
         yield rig
     finally:
         rig.down()
+
+
+def live_frames(rig: flood_rig.Rig) -> flood_generator.Generator:
+    return flood_generator.Generator(Path(), rig, flood_generator.LIVE_FRAMES, 1)
 
 
 needs_live_rig = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ethtool") is None,
@@ -113,24 +118,23 @@ needs_live_rig = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ethtool")
 def test_live_frames_reach_a_udp_socket_intact(napi_rig):
     # 200 frames fit the gateway veth's 256-slot ring even before its NAPI runs: none is
     # lost, and each is a datagram the stack accepts (Ethernet, IPv4 checksum, UDP).
-    generator = flood.Generator(Path(), napi_rig, flood.LIVE_FRAMES, 1)
-    report, counts = receive(napi_rig, generator, 200)
-    assert report["mode"] == flood.LIVE_FRAMES and report["sent"] == 200
-    assert counts == {flood.SOURCE_IP: 200}
+    report, counts = receive(napi_rig, live_frames(napi_rig), 200)
+    assert report["mode"] == flood_generator.LIVE_FRAMES and report["sent"] == 200
+    assert counts == {flood_rig.SOURCE_IP: 200}
 
 
 @needs_live_rig
 def test_live_frames_are_each_received_or_counted_as_refused_by_the_veth(napi_rig):
     # A flood faster than the receiving side: what the nftables rule did not see, the
     # source veth counted as tx_dropped; that is what the bench's offered rate relies on.
-    flood.nft_drop(napi_rig)
+    flood_rig.nft_drop(napi_rig)
     try:
         before = napi_rig.link_stats()
-        report = flood.Generator(Path(), napi_rig, flood.LIVE_FRAMES, 1).flood(2_000_000, 10)
+        report = live_frames(napi_rig).flood(2_000_000, 10)
         after = napi_rig.link_stats()
-        dropped_by_rule = flood.nft_dropped(napi_rig)
+        dropped_by_rule = flood_rig.nft_dropped(napi_rig)
     finally:
-        flood.nft_remove(napi_rig)
+        flood_rig.nft_remove(napi_rig)
     refused = after["src_tx_dropped"] - before["src_tx_dropped"]
     assert report["sent"] == 2_000_000
     # tx_dropped may also hold a packet of the source ns's own stack (IPv6 neighbour
@@ -141,7 +145,7 @@ def test_live_frames_are_each_received_or_counted_as_refused_by_the_veth(napi_ri
 
 @needs_live_rig
 def test_live_frames_stop_at_the_time_bound(napi_rig):
-    report = flood.Generator(Path(), napi_rig, flood.LIVE_FRAMES, 1).flood(100_000_000, 1.0)
+    report = live_frames(napi_rig).flood(100_000_000, 1.0)
     assert 0.9 <= report["seconds"] <= 1.3 and 0 < report["sent"] < 100_000_000
 
 
@@ -183,10 +187,10 @@ def test_flood_gateway_config_is_a_valid_sluicegate_config(path, tmp_path):
 def test_stale_rig_of_a_dead_run_is_swept():
     gone = subprocess.Popen(["true"])
     gone.wait()  # its pid now names no process (reuse within the test is unlikely)
-    name = f"{flood.NS_PREFIX}{gone.pid}-source"
+    name = f"{flood_rig.NS_PREFIX}{gone.pid}-source"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        flood.sweep_stale()
+        flood_rig.sweep_stale()
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert name not in listed.split()
     finally:

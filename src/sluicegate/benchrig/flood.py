@@ -3,7 +3,7 @@ layer drops when one denied source floods a UDP port the gateway serves.
 
     rig:   sgb-<pid>-source ──veth── sgb-<pid>-gateway
            10.211.1.2 (eth0)         10.211.1.1 (to-source)
-           flood_gen on CPU 0        sluicegate on CPU 1: a UDP stream_proxy listener on :9999
+           generator on CPU 0        sluicegate on CPU 1: a UDP stream_proxy listener on :9999
 
 Paths (the same flood each time; a fresh gateway per path and run):
   xdp        the gateway's `kernel.xdp.deny` list on to-source (native XDP unless --xdp-mode);
@@ -21,11 +21,12 @@ Paths (the same flood each time; a fresh gateway per path and run):
 The generator, pinned to CPU 0 and bounded by --duration and --max-packets, is by default
 the kernel itself (`live_frames.py`): BPF_PROG_TEST_RUN in XDP live-frames mode redirects
 a prebuilt frame out of the source veth, so each frame reaches the gateway veth's ring as
-an xdp_frame with no sending stack and no skb (about 2x what a socket offers from one core
-here). Where that mode is missing (Linux < 5.18, or `--rx sender`: the gateway veth then
-has no NAPI to take such frames), `flood_gen.c` (compiled with gcc into --out) sends
-prebuilt frames with AF_PACKET + PACKET_QDISC_BYPASS, or sendmmsg on a UDP socket,
-whichever a start-up probe measures faster.
+an xdp_frame with no sending stack and no skb (~10 Mpps from one core here, 9x what
+AF_PACKET offered). Where that mode is missing (Linux < 5.18, or `--rx sender`: the
+gateway veth then has no NAPI to take such frames), `flood_gen.c` (compiled with gcc into
+--out) sends prebuilt frames with AF_PACKET + PACKET_QDISC_BYPASS, or sendmmsg on a UDP
+socket, whichever a start-up probe measures faster. The rig is flood_rig.py, the
+generators flood_generator.py.
 
 Where the receive side runs (--rx): a veth hands a frame over on the CPU that sent it, so
 by default the kernel's drop work (XDP in the veth's NAPI, nftables and the stack in the
@@ -37,8 +38,8 @@ kthread falls behind, the veth's 256-slot ring fills and the source veth counts 
 
 `cpu_pct` is the gateway side as a whole: sluicegate's process group + the NAPI kthread +
 softirq time on every CPU, in % of one CPU (the note splits it). `dropped_pps_per_cpu` =
-dropped_pps / (cpu_pct / 100) compares the paths even when the generator, not the path, is
-the limit (xdp and nftables drop everything offered). Like bench/interception.sh, each window
+dropped_pps / (cpu_pct / 100) compares the paths also when the generator, not the path, is
+the limit. Like bench/interception.sh, each window
 waits for a quiet second first and is measured again (up to --noise-retries times) when other
 processes used more than --noise-max % of a CPU; the least disturbed attempt is kept.
 
@@ -54,7 +55,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import signal
@@ -65,253 +65,44 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sluicegate.benchrig.flood_generator import (
+    LIVE_FRAMES,
+    MAX_PACKETS,
+    MAX_SOURCES,
+    PAYLOAD,
+    Generator,
+    choose_generator,
+)
+from sluicegate.benchrig.flood_rig import (
+    ALLOWED_PREFIX,
+    DENY_PREFIX,
+    GATEWAY_IP,
+    GW_CPU,
+    GW_IF,
+    LOAD_CPU,
+    NS_PREFIX,
+    PORT,
+    SOURCE_IP,
+    SRC_IF,
+    Rig,
+    log,
+    nft_drop,
+    nft_dropped,
+    nft_remove,
+    nsx,
+    pin_napi_threads,
+    run,
+    sweep_stale,
+)
+
 PART = "flood"
 PATHS = ("xdp", "nftables", "userspace")
-NS_PREFIX = "sgb-"
-SOURCE_IP = "10.211.1.2"          # the flood's (denied) source; --sources spreads from here
-GATEWAY_IP = "10.211.1.1"
-DENY_PREFIX = "10.211.1.0/25"     # covers every flood source (up to .127)
-ALLOWED_PREFIX = "10.211.1.128/25"  # the userspace path's route: the flood is not in it
-PORT = 9999
-GW_IF = "to-source"
-SRC_IF = "eth0"
-NFT_TABLE = "sgbench_flood"
-LOAD_CPU = "0"
-GW_CPU = "1"
-# 18 bytes of payload: a 60-byte Ethernet frame, the smallest there is (the packet-rate case).
-PAYLOAD = 18
-# 200 M packets a window: above what one core offers here (live frames: ~10 M/s for 10 s,
-# the default duration of `sluicegate bench interception`), still bounded.
-MAX_PACKETS = 200_000_000
-MAX_SOURCES = 100
 # A flood window longer than a minute measures nothing a shorter one does not.
 MAX_DURATION = 60.0
-GENERATOR_SOURCE = Path(__file__).with_name("flood_gen.c")
 REPO = Path(__file__).resolve().parents[3]
 
 
-def log(message: str) -> None:
-    print(f"[flood {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def run(argv: list[str], check: bool = True, timeout: float = 30.0,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): "
-                           f"{(result.stderr or result.stdout).strip()}")
-    return result
-
-
-def nsx(ns: str, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return run(["ip", "netns", "exec", ns, *argv], **kwargs)
-
-
-# ------------------------------------------------------------------ the rig
-def sweep_stale() -> None:
-    """Delete `sgb-<pid>-*` namespaces whose creating process is gone (a SIGKILLed run),
-    stopping what still runs in them first."""
-    listed = run(["ip", "netns", "list"], check=False).stdout.split("\n")
-    for line in listed:
-        name = line.split(" ", 1)[0]
-        found = re.match(rf"^{NS_PREFIX}(\d+)-", name)
-        if not found or Path(f"/proc/{found.group(1)}").exists():
-            continue
-        log(f"deleting stale namespace {name} (its bench run, pid {found.group(1)}, is gone)")
-        kill_ns_processes(name)
-        run(["ip", "netns", "del", name], check=False)
-
-
-def kill_ns_processes(ns: str) -> None:
-    pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), sig)
-        if not pids:
-            return
-        time.sleep(0.5)
-        pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
-
-
-class Rig:
-    """Two namespaces joined by one veth, created inside them (nothing in the root ns)."""
-
-    def __init__(self) -> None:
-        tag = f"{NS_PREFIX}{os.getpid()}"
-        self.source = f"{tag}-source"
-        self.gateway = f"{tag}-gateway"
-        self.made: list[str] = []
-
-    def up(self, rx: str) -> None:
-        for ns in (self.source, self.gateway):
-            run(["ip", "netns", "add", ns])
-            self.made.append(ns)
-            nsx(ns, ["ip", "link", "set", "lo", "up"])
-        run(["ip", "link", "add", "name", SRC_IF, "netns", self.source, "type", "veth",
-             "peer", "name", GW_IF, "netns", self.gateway])
-        nsx(self.source, ["ip", "addr", "add", f"{SOURCE_IP}/24", "dev", SRC_IF])
-        nsx(self.gateway, ["ip", "addr", "add", f"{GATEWAY_IP}/24", "dev", GW_IF])
-        nsx(self.source, ["ip", "link", "set", SRC_IF, "up"])
-        nsx(self.gateway, ["ip", "link", "set", GW_IF, "up"])
-        if rx == "gateway":
-            # GRO gives the veth a NAPI instance for every packet (not only with XDP), and
-            # threaded NAPI runs its poll in a kthread we can pin to the gateway's CPU: the
-            # receive side (XDP, nftables, the stack) then runs on CPU 1, not on the sender's.
-            nsx(self.gateway, ["ethtool", "-K", GW_IF, "gro", "on"])
-            # veth_xmit bypasses the peer's NAPI for skbs from a TSO-capable sender unless
-            # UDP GRO forwarding is on (which would merge the flood into fewer packets).
-            nsx(self.source, ["ethtool", "-K", SRC_IF, "tso", "off"])
-            nsx(self.gateway, ["sh", "-c", f"echo 1 > /sys/class/net/{GW_IF}/threaded"])
-            if not pin_napi_threads():
-                raise RuntimeError(f"no threaded NAPI kthread for {GW_IF} appeared")
-
-    def gateway_mac(self) -> str:
-        return nsx(self.gateway, ["cat", f"/sys/class/net/{GW_IF}/address"]).stdout.strip()
-
-    def link_stats(self) -> dict[str, int]:
-        """rx of the gateway's veth, tx of the source's (the offered side)."""
-        shown: dict[str, int] = {}
-        for ns, ifname, side in ((self.gateway, GW_IF, "gw"), (self.source, SRC_IF, "src")):
-            link = json.loads(nsx(ns, ["ip", "-j", "-s", "link", "show", "dev", ifname]).stdout)
-            stats = link[0]["stats64"]
-            for direction in ("rx", "tx"):
-                for key in ("packets", "dropped"):
-                    shown[f"{side}_{direction}_{key}"] = int(stats[direction][key])
-        return shown
-
-    def down(self) -> None:
-        for ns in self.made:
-            kill_ns_processes(ns)
-            run(["ip", "netns", "del", ns], check=False)
-        self.made.clear()
-
-
-# Threaded NAPI kthreads are named napi/<ifname>-<napi id>; comm keeps 15 bytes.
-NAPI_COMM = f"napi/{GW_IF}-"[:15]
-
-
-def napi_threads() -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/comm").read_text().strip().startswith(NAPI_COMM):
-                    found.append(int(pid))
-    return found
-
-
-def pin_napi_threads() -> list[int]:
-    """Pin the gateway veth's NAPI kthreads to GW_CPU (again before each window: attaching
-    or detaching XDP may create new NAPI instances)."""
-    pids = napi_threads()
-    for pid in pids:
-        run(["taskset", "-pc", GW_CPU, str(pid)], check=False)
-    return pids
-
-
-# ------------------------------------------------------------------ the generator
-LIVE_FRAMES = "xdp-live"
-
-
-def build_generator(out: Path) -> Path:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise RuntimeError("gcc not found (apt-get install -y gcc): the flood generator is "
-                           "compiled at bench time")
-    binary = out / "flood_gen"
-    run([gcc, "-O2", "-Wall", "-o", str(binary), str(GENERATOR_SOURCE)], timeout=60)
-    return binary
-
-
-class Generator:
-    def __init__(self, binary: Path, rig: Rig, mode: str, sources: int) -> None:
-        self.binary = binary
-        self.rig = rig
-        self.mode = mode
-        self.sources = sources
-        self.mac = rig.gateway_mac()
-
-    def argv(self, count: int, seconds: float) -> list[str]:
-        if self.mode == LIVE_FRAMES:
-            return [sys.executable, "-m", "sluicegate.benchrig.live_frames", SRC_IF, self.mac,
-                    SOURCE_IP, GATEWAY_IP, str(PORT), str(count), f"{seconds:g}",
-                    str(PAYLOAD), str(self.sources)]
-        argv = [str(self.binary), self.mode, GATEWAY_IP, str(PORT), str(count), f"{seconds:g}",
-                str(PAYLOAD), SOURCE_IP]
-        if self.mode == "packet":
-            argv += [SRC_IF, self.mac, str(self.sources)]
-        return argv
-
-    def flood(self, count: int, seconds: float) -> dict[str, Any]:
-        """One bounded flood from the source ns on LOAD_CPU; the generator's own report."""
-        result = run(["taskset", "-c", LOAD_CPU, "ip", "netns", "exec", self.rig.source,
-                      *self.argv(count, seconds)], timeout=seconds + 30)
-        return json.loads(result.stdout)
-
-
-def live_frames_work(rig: Rig, sources: int) -> bool:
-    """Whether the kernel can be the packet source here (a short live-frames flood)."""
-    try:
-        sent = Generator(Path(), rig, LIVE_FRAMES, sources).flood(1 << 16, 0.2)["sent"]
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError) as error:
-        log(f"generator probe: {LIVE_FRAMES} does not run here ({str(error).strip()[:200]})")
-        return False
-    return sent > 0
-
-
-def choose_generator(out: Path, rig: Rig, wanted: str, sources: int,
-                     rx: str) -> tuple[str, dict, Path]:
-    """`auto`: the kernel's live frames when they run (rx gateway only: the gateway veth
-    needs NAPI for them); otherwise 1 s of each socket mode into an nftables drop (so the
-    receiving side costs little), twice, interleaved (a busy second on a shared machine
-    must not decide it), and the faster wins. Returns (mode, {mode: best pps}, binary)."""
-    if wanted == LIVE_FRAMES or (wanted == "auto" and rx == "gateway"
-                                 and live_frames_work(rig, sources)):
-        return LIVE_FRAMES, {}, Path()
-    binary = build_generator(out)
-    if wanted != "auto":
-        return wanted, {}, binary
-    nft_drop(rig)
-    probes: dict[str, float] = {}
-    # A UDP socket cannot spoof: with several sources only the packet mode can run.
-    modes = ("packet", "udp") if sources == 1 else ("packet",)
-    try:
-        for mode in modes * 2:
-            pps = Generator(binary, rig, mode, sources).flood(MAX_PACKETS, 1.0)["pps"]
-            probes[mode] = max(probes.get(mode, 0.0), pps)
-    finally:
-        nft_remove(rig)
-    best = max(probes, key=lambda mode: probes[mode])
-    log("generator probe: " + ", ".join(f"{m} {p / 1e6:.2f} Mpps" for m, p in probes.items())
-        + f" -> {best}")
-    return best, probes, binary
-
-
 # ------------------------------------------------------------------ counters
-def nft_drop(rig: Rig) -> None:
-    script = (f"table netdev {NFT_TABLE} {{\n"
-              f"  chain ingress {{ type filter hook ingress device {GW_IF} priority -500; "
-              f"policy accept;\n"
-              f"    ip saddr {DENY_PREFIX} counter drop\n  }}\n}}\n")
-    nsx(rig.gateway, ["nft", "-f", "-"], input=script)
-
-
-def nft_remove(rig: Rig) -> None:
-    nsx(rig.gateway, ["nft", "delete", "table", "netdev", NFT_TABLE], check=False)
-
-
-def nft_dropped(rig: Rig) -> int:
-    shown = json.loads(nsx(rig.gateway, ["nft", "-j", "list", "table", "netdev",
-                                         NFT_TABLE]).stdout)
-    total = 0
-    for item in shown["nftables"]:
-        for expr in item.get("rule", {}).get("expr", []):
-            if "counter" in expr:
-                total += int(expr["counter"]["packets"])
-    return total
-
-
 def xdp_dropped(bpffs: Path) -> int:
     """Drops counted by the deny rules of the pinned XDP filter (read from this process:
     the pins are files, the maps need no namespace)."""
