@@ -194,6 +194,68 @@ def test_routes_in_a_group_share_the_budget(start_gateway, fake_llm):
     assert "requests without a consumer" in caught.value.message
 
 
+# -- policy redis: one budget for a cluster of gateways -------------------------------------
+
+@pytest.fixture(name="redis_server")
+def redis_server_fixture(tmp_path: Path) -> Any:
+    from servers.redis_server import REDIS_SERVER, RedisServerProcess
+
+    if not Path(REDIS_SERVER).exists():
+        pytest.fail("redis-server is not installed: run `make test`, which installs it")
+    server = RedisServerProcess(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def redis_spend(redis_server: Any) -> float:
+    """USD charged in Redis so far (counters hold nano-USD)."""
+    redis = redis_server.client()
+    return sum(float(redis.hget(key, "c") or 0)
+               for key in redis.keys("sluicegate:ai-budget*")) / 1e9
+
+
+def test_redis_policy_shares_a_consumer_budget_across_gateways(start_gateway, fake_llm,
+                                                               redis_server):
+    budget = {"prices": {"fake-model": DEAR}, "budget": 20, "policy": "redis",
+              "redis_host": "127.0.0.1", "redis_port": redis_server.port}
+    first = budget_gateway(start_gateway, fake_llm, budget)
+    second = budget_gateway(start_gateway, fake_llm, budget)
+    ask(first)  # 13 of 20 USD
+    # With redis the charge is sent after the answer, as a task of its own: wait until
+    # Redis holds it (this waits for an event, it measures nothing).
+    assert wait_until(lambda: redis_spend(redis_server) >= 13), redis_spend(redis_server)
+    ask(second)  # admitted with 7 left on the other gateway; spends the rest
+    assert wait_until(lambda: redis_spend(redis_server) >= 20), redis_spend(redis_server)
+    assert redis_spend(redis_server) == pytest.approx(20)
+    for gateway in (first, second):
+        with pytest.raises(openai.RateLimitError) as caught:
+            ask(gateway)
+        assert caught.value.code == "insufficient_quota"
+    ask(first, "bob")  # bob's budget is his own, in Redis too
+    assert len(fake_llm.requests) == 3
+
+
+def test_redis_unreachable_rejects_with_503_unless_degradation_is_allowed(start_gateway,
+                                                                          fake_llm):
+    from harness import free_port
+
+    down = {"prices": {"fake-model": DEAR}, "budget": 20, "policy": "redis",
+            "redis_host": "127.0.0.1", "redis_port": free_port(), "redis_timeout": 200}
+    strict = budget_gateway(start_gateway, fake_llm, down)
+    with pytest.raises(openai.InternalServerError) as caught:
+        ask(strict)
+    assert caught.value.status_code == 503
+    assert caught.value.body == {"error_msg": "failed to ai budget"} or \
+        "failed to ai budget" in caught.value.response.text
+    assert fake_llm.requests == []
+    lenient = budget_gateway(start_gateway, fake_llm, {**down, "allow_degradation": True})
+    assert ask(lenient).choices[0].message.content == "echo: hello gateway world"
+    text = scrape(lenient)
+    assert 'sluicegate_limit_store_errors_total{outcome="allowed",plugin="ai-budget"}' in text
+
+
 # -- config ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("plugin", "expected"), [
@@ -205,6 +267,8 @@ def test_routes_in_a_group_share_the_budget(start_gateway, fake_llm):
     ({"prices": {"m": DEAR}, "time_window": 0}, "time_window: "),
     ({"prices": {"m": DEAR}, "rejected_code": 99}, "rejected_code: "),
     ({"prices": {"m": DEAR}, "consumers": {"alice": "lots"}}, "consumers.alice: "),
+    ({"prices": {"m": DEAR}, "policy": "redis"}, "redis_host: required when policy is redis"),
+    ({"prices": {"m": DEAR}, "policy": "cluster"}, "policy: "),
 ])
 def test_bad_ai_budget_config_is_rejected_with_the_field_path(plugin, expected):
     with pytest.raises(ConfigError) as caught:

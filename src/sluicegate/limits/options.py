@@ -1,5 +1,7 @@
-"""Options the three rate-limit plugins share (APISIX names), their checks, and what they
-build: the store of the policy, the key function, the rejection response."""
+"""Options the rate-limit plugins share (APISIX names), their checks, and what they build:
+the store of the policy, the key function, the rejection response. `StoreOptions` (where
+counters live) is also ai-budget's, which keeps counters but has no key or rejection of
+this shape."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from sluicegate.proto.http1 import error_body
 
 __all__ = ["MIN_DELAY_SECONDS", "POLICIES", "STORE_FAILURE_STATUS", "LimitOptions",
            "NonNegativeInt", "NonNegativeNumber", "PositiveInt", "PositiveNumber",
-           "StoreFailure", "StoreUnavailable", "rejection", "store_for"]
+           "StoreFailure", "StoreOptions", "StoreUnavailable", "rejection", "store_for"]
 
 # Below this a delay is not worth a timer (APISIX sleeps only from 1 ms).
 MIN_DELAY_SECONDS = 0.001
@@ -53,23 +55,11 @@ NonNegativeNumber = Annotated[float, AfterValidator(_not_negative),
                               Field(json_schema_extra={"minimum": 0})]
 
 
-class LimitOptions(PluginConfig):
-    """Options every rate-limit plugin has."""
+class StoreOptions(PluginConfig):
+    """Where a plugin's counters live: this host, or one Redis server shared by gateways."""
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
-    key_type: Literal["var", "var_combination", "constant"] = "var"
-    """How `key` is read: `var`, one variable (`remote_addr`, `http_x_api_key`,
-    `consumer_name`...); `var_combination`, variables in a string (`$remote_addr $http_x_user`);
-    `constant`, one counter for all requests."""
-    key: str = "remote_addr"
-    """What requests are counted by (see `key_type`). A variable that is unset or empty
-    counts by `remote_addr`, as in APISIX."""
-    rejected_code: int = Field(503, json_schema_extra={"minimum": 200, "maximum": 599})
-    """Status of a rejected request (APISIX's default is 503)."""
-    rejected_msg: str | None = None
-    """Body of a rejected request, as `{"error_msg": ...}`; without it the body is the
-    gateway's usual error JSON for `rejected_code`."""
     policy: str = Field("local", json_schema_extra={"enum": list(POLICIES)})
     """Where counters live. `local`: this host, exact across the workers of the gateway.
     `redis`: one Redis server (`redis_host`...), exact across every gateway using it."""
@@ -93,16 +83,9 @@ class LimitOptions(PluginConfig):
     the request pass unlimited, false rejects it with 503. Both are counted in
     `sluicegate_limit_store_errors_total`."""
 
-    @field_validator("rejected_code")
+    @field_validator("redis_host")
     @classmethod
-    def _status(cls, value: int) -> int:
-        if not 200 <= value <= 599:
-            raise ValueError("must be between 200 and 599")
-        return value
-
-    @field_validator("rejected_msg", "key", "redis_host")
-    @classmethod
-    def _not_empty(cls, value: str | None) -> str | None:
+    def _host_not_empty(cls, value: str | None) -> str | None:
         if value is not None and not value:
             raise ValueError("must not be empty")
         return value
@@ -127,13 +110,46 @@ class LimitOptions(PluginConfig):
         return value
 
     @model_validator(mode="after")
-    def _redis_needs_a_host(self) -> LimitOptions:
+    def _redis_needs_a_host(self) -> StoreOptions:
         if self.policy == "redis" and self.redis_host is None:
             raise ValueError("redis_host: required when policy is redis")
         return self
 
 
-def redis_settings(conf: LimitOptions) -> RedisSettings:
+class LimitOptions(StoreOptions):
+    """Options every rate-limit plugin has."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    key_type: Literal["var", "var_combination", "constant"] = "var"
+    """How `key` is read: `var`, one variable (`remote_addr`, `http_x_api_key`,
+    `consumer_name`...); `var_combination`, variables in a string (`$remote_addr $http_x_user`);
+    `constant`, one counter for all requests."""
+    key: str = "remote_addr"
+    """What requests are counted by (see `key_type`). A variable that is unset or empty
+    counts by `remote_addr`, as in APISIX."""
+    rejected_code: int = Field(503, json_schema_extra={"minimum": 200, "maximum": 599})
+    """Status of a rejected request (APISIX's default is 503)."""
+    rejected_msg: str | None = None
+    """Body of a rejected request, as `{"error_msg": ...}`; without it the body is the
+    gateway's usual error JSON for `rejected_code`."""
+
+    @field_validator("rejected_code")
+    @classmethod
+    def _status(cls, value: int) -> int:
+        if not 200 <= value <= 599:
+            raise ValueError("must be between 200 and 599")
+        return value
+
+    @field_validator("rejected_msg", "key")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value:
+            raise ValueError("must not be empty")
+        return value
+
+
+def redis_settings(conf: StoreOptions) -> RedisSettings:
     assert conf.redis_host is not None
     return RedisSettings(host=conf.redis_host, port=conf.redis_port,
                          username=conf.redis_username, password=conf.redis_password,
@@ -141,7 +157,7 @@ def redis_settings(conf: LimitOptions) -> RedisSettings:
                          ssl=conf.redis_ssl)
 
 
-def store_for(conf: LimitOptions, conn_ttl: float = DEFAULT_CONN_TTL_SECONDS
+def store_for(conf: StoreOptions, conn_ttl: float = DEFAULT_CONN_TTL_SECONDS
               ) -> CounterStore:
     """The counter store of the configured policy. Building it does no I/O. `conn_ttl`:
     how long a limit-conn count outlives its last change in Redis."""
@@ -159,7 +175,7 @@ class StoreFailure:
 
     __slots__ = ("allow", "metrics", "plugin", "response")
 
-    def __init__(self, plugin: str, conf: LimitOptions, env: PluginEnv) -> None:
+    def __init__(self, plugin: str, conf: StoreOptions, env: PluginEnv) -> None:
         self.plugin = plugin
         self.allow = conf.allow_degradation
         self.metrics = env.metrics

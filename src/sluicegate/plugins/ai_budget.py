@@ -14,10 +14,14 @@ A plugin of its own rather than options of ai-proxy: prices and budgets are a bi
 concern that applies whichever AI plugin serves the route, and a route without budgets
 keeps no counters.
 
-Spend is counted in the rate-limit plugins' local store (limits/counters.py): shared by the
-workers of one gateway host (one table in shared memory), in nano-USD, and not shared
-between hosts. It survives config reloads (the counter key names the route or `group`, not
-the config), and starts over when the gateway restarts.
+Spend is counted, in nano-USD, in the rate-limit plugins' stores (limits/): with `policy:
+local` (the default) in the host's shared-memory table, exact across the workers of one
+gateway, starting over when the gateway restarts; with `policy: redis` in one Redis server,
+exact across every gateway using it (a cluster's budget), and kept across restarts. Either
+way spend survives config reloads (the counter key names the route or `group`, not the
+config). When Redis cannot answer, a request is rejected with 503 (or, with
+`allow_degradation`, served without a check), and an answer's cost that cannot be charged
+is lost; both are counted in `sluicegate_limit_store_errors_total`.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any
+from collections.abc import Awaitable
 
 from pydantic import ConfigDict, Field
 
 from sluicegate.ai.accounting import AI_PRICER_VAR
 from sluicegate.http.context import RequestContext
-from sluicegate.limits.counters import CounterStore, local_store
+from sluicegate.limits.charge import Charges
+from sluicegate.limits.counters import CounterStore, CountResult
+from sluicegate.limits.options import StoreFailure, StoreOptions, StoreUnavailable, store_for
 from sluicegate.observe.access_log import AI_RECORD_VAR
 from sluicegate.plugins.base import (
     HookResult,
@@ -49,9 +55,6 @@ log = logging.getLogger("sluicegate.ai")
 NANO = 1_000_000_000
 # "No window": a window longer than any gateway's uptime (100 years).
 LIFETIME_SECONDS = 100 * 365 * 86400.0
-# A charge the counter refuses (it would pass the budget) fills the budget instead; see
-# ai-rate-limiting's MAX_FILL_ROUNDS for why a few rounds.
-MAX_FILL_ROUNDS = 4
 
 
 class ModelPrice(PluginConfig):
@@ -65,8 +68,8 @@ class ModelPrice(PluginConfig):
     """USD per 1M completion (output) tokens."""
 
 
-class AiBudgetConfig(PluginConfig):
-    """ai-budget options."""
+class AiBudgetConfig(StoreOptions):
+    """ai-budget options; `policy` and `redis_*` say where spend is counted."""
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
@@ -113,7 +116,10 @@ class AiBudget(Plugin):
         self.budgeted = self.default_budget is not None or bool(self.budgets)
         self.window = float(conf.time_window) if conf.time_window else LIFETIME_SECONDS
         self.scope = f"group:{conf.group}" if conf.group else None
-        self.store: CounterStore = local_store()
+        self.store: CounterStore = store_for(conf)
+        self.store_failure = StoreFailure(self.name, conf, env)
+        # Costs are charged after the response (with redis, as tasks of their own).
+        self.charges = Charges(self.name, self.store_failure)
         self.rejected_code = conf.rejected_code
         self.rejected_msg = conf.rejected_msg
         self.metrics = env.metrics
@@ -144,10 +150,24 @@ class AiBudget(Plugin):
         key, budget = found
         # Cost 0: a read that also starts the window. Charges fill a window up to exactly
         # its budget, so "remaining 0" is "spent".
-        result: Any = self.store.incr(key, budget, self.window, False, 0)
+        result = self.store.incr(key, budget, self.window, False, 0)
+        if type(result) is not tuple:
+            return self._decide_later(result, ctx, key, budget)
+        return self._decide(result, ctx, key, budget)
+
+    async def _decide_later(self, pending: Awaitable[CountResult], ctx: RequestContext,
+                            key: str, budget: int) -> Response | None:
+        try:
+            result = await pending
+        except StoreUnavailable:
+            return self.store_failure()
+        return self._decide(result, ctx, key, budget)
+
+    def _decide(self, result: CountResult, ctx: RequestContext, key: str, budget: int
+                ) -> Response | None:
         allowed, remaining, reset = result
         if allowed and remaining > 0:
-            ctx.vars[self.state_key] = (key, budget)
+            ctx.vars[self.state_key] = (key, budget)  # type: ignore[index]
             return None
         return self._rejection(ctx, budget, reset)
 
@@ -197,18 +217,4 @@ class AiBudget(Plugin):
         if state is None or charge <= 0:
             return
         key, budget = state
-        result: Any = self.store.incr(key, budget, self.window, False, charge)
-        if not result[0]:
-            self._fill(key, budget)
-
-    def _fill(self, key: str, budget: int) -> None:
-        """The answer cost more than the budget had left: the budget is spent. The counter
-        refuses a charge past its limit, so charge what is left instead."""
-        store = self.store
-        for _ in range(MAX_FILL_ROUNDS):
-            room: Any = store.incr(key, budget, self.window, False, 0)
-            if room[1] <= 0:
-                return
-            filled: Any = store.incr(key, budget, self.window, False, room[1])
-            if filled[0]:
-                return
+        self.charges.charge(self.store, key, budget, self.window, charge)

@@ -22,7 +22,6 @@ across the workers of a host (`policy: local`) or across gateways (`policy: redi
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sluicegate.http.context import RequestContext
+from sluicegate.limits.charge import Charges
 from sluicegate.limits.counters import CounterStore, CountResult
 from sluicegate.limits.keys import compile_key, key_problems, limit_scope
 from sluicegate.limits.options import (
@@ -52,10 +52,6 @@ REMAINING_HEADER = "X-AI-RateLimit-Remaining-"
 RESET_HEADER = "X-AI-RateLimit-Reset-"
 # The header suffix (APISIX: the instance name) when no instance is named.
 DEFAULT_INSTANCE = "ai-proxy"
-# A charge the counter refuses (it would pass the limit) is retried as "fill the window up
-# to its limit"; concurrent charges may change the room left between the read and the
-# charge, so a few rounds, after which the window is full or others filled it.
-MAX_FILL_ROUNDS = 4
 
 
 class InstanceLimit(BaseModel):
@@ -197,8 +193,8 @@ class AiRateLimiting(Plugin):
         # Header names per ai-proxy-multi instance, made once (instance names come from
         # the config, so this stays small).
         self.instance_headers: dict[str, HeaderNames] = {}
-        # Charges against a store doing I/O (redis) run as tasks after the response.
-        self.charges: set[asyncio.Task[None]] = set()
+        # Tokens are charged after the response (with redis, as tasks of their own).
+        self.charges = Charges(self.name, self.store_failure)
         if conf.show_limit_quota_header:
             self.header_filter = self._header_filter
 
@@ -348,43 +344,8 @@ class AiRateLimiting(Plugin):
         tokens = int(getattr(usage, self.tokens_field) or 0)
         if tokens <= 0:
             return
-        budget, key = state[0], state[1]
-        result = self.store.incr(key, budget.limit, budget.window, False, tokens)
-        if type(result) is tuple:
-            if not result[0]:
-                self._fill(key, budget)
-            return
-        task = asyncio.ensure_future(self._charge_later(result, key, budget))
-        self.charges.add(task)
-        task.add_done_callback(self.charges.discard)
-
-    def _fill(self, key: str, budget: _Budget) -> None:
-        """The answer cost more than the window had left: the window is spent. The counter
-        refuses a charge past its limit, so charge what is left instead."""
-        store = self.store
-        for _ in range(MAX_FILL_ROUNDS):
-            room: Any = store.incr(key, budget.limit, budget.window, False, 0)
-            if room[1] <= 0 or store.incr(key, budget.limit, budget.window, False,
-                                          room[1])[0]:  # type: ignore[index]
-                return
-
-    async def _charge_later(self, pending: Awaitable[CountResult], key: str,
-                            budget: _Budget) -> None:
-        store: Any = self.store
-        try:
-            result = await pending
-            for _ in range(MAX_FILL_ROUNDS):
-                if result[0]:
-                    return
-                room = await store.incr(key, budget.limit, budget.window, False, 0)
-                if room[1] <= 0:
-                    return
-                result = await store.incr(key, budget.limit, budget.window, False, room[1])
-        except StoreUnavailable:
-            # These tokens are not charged; counted like the other limits' store failures.
-            self.store_failure()
-        except Exception:
-            log.exception("ai-rate-limiting: charging tokens failed")
+        budget = state[0]
+        self.charges.charge(self.store, state[1], budget.limit, budget.window, tokens)
 
 
 def _server_of(ctx: RequestContext) -> Plugin | None:
