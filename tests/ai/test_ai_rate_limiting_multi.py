@@ -265,3 +265,37 @@ def test_redis_budget_spent_on_one_instance_moves_to_the_next(start_gateway, fak
         assert chat(gateway).headers["x-ai-instance"] == "b"
     finally:
         redis_server.stop()
+
+
+# -- config ----------------------------------------------------------------------------------
+
+def test_an_instance_budget_naming_nothing_that_serves_is_a_config_error():
+    from sluicegate.config.load import ConfigError, validate_config
+
+    def route(plugins: dict[str, Any]) -> dict[str, Any]:
+        return {"routes": [{"id": "llm", "uri": "/v1/*", "plugins": plugins}]}
+
+    multi = {"instances": [
+        {"name": "a", "provider": "openai", "weight": 1, "options": {"model": "m"}},
+        {"name": "b", "provider": "openai", "weight": 1, "options": {"model": "m"}}]}
+    budgets = {"instances": [{"name": "a", "limit": 5, "time_window": 60},
+                             {"name": "gpt-4o", "limit": 5, "time_window": 60}]}
+    with pytest.raises(ConfigError) as caught:
+        validate_config(route({"ai-proxy-multi": multi, "ai-rate-limiting": budgets}))
+    assert caught.value.errors == [
+        "routes[0].plugins.ai-rate-limiting.instances[1].name: 'gpt-4o' is no "
+        "ai-proxy-multi instance configured with it (its instances: 'a', 'b'); no request "
+        "would be charged to this budget"]
+    with pytest.raises(ConfigError) as caught:
+        validate_config(route({"ai-proxy": {"provider": "openai"},
+                               "ai-rate-limiting": budgets}))
+    assert [e for e in caught.value.errors if "instances[0]" in e] == [
+        "routes[0].plugins.ai-rate-limiting.instances[0].name: 'a' is not the provider of "
+        "ai-proxy configured with it (provider: 'openai'); no request would be charged to "
+        "this budget"]
+    # Names that match are fine, and so is a budget next to no AI plugin (a service's or a
+    # global rule's may serve the route).
+    budgets["instances"][1]["name"] = "b"
+    validate_config(route({"ai-proxy-multi": multi, "ai-rate-limiting": budgets}))
+    validate_config({"routes": [{"id": "llm", "uri": "/v1/*", "upstream": {
+        "nodes": {"127.0.0.1:1": 1}}, "plugins": {"ai-rate-limiting": budgets}}]})

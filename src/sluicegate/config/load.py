@@ -142,8 +142,12 @@ def _check_plugins(config: GatewayConfig, errors: list[str], warnings: list[str]
     for kind in ("routes", "services", "global_rules", "plugin_configs"):
         for index, item in enumerate(getattr(config, kind)):
             for name, conf in item.plugins.items():
-                _, _, problems = validate_plugin(name, conf, f"{kind}[{index}].plugins.{name}")
+                path = f"{kind}[{index}].plugins.{name}"
+                _, _, problems = validate_plugin(name, conf, path)
                 errors += problems
+                if not problems and name in registry:
+                    errors += [f"{path}.{reason}" for reason in
+                               registry[name].check_siblings(conf, item.plugins)]
     for index, group in enumerate(config.consumer_groups):
         for name, conf in group.plugins.items():
             path = f"consumer_groups[{index}].plugins.{name}"

@@ -206,6 +206,30 @@ class AiRateLimiting(Plugin):
             return [f"key: required with key_type {conf.key_type} (e.g. consumer_name)"]
         return key_problems(conf.key_type, conf.key)
 
+    @classmethod
+    def check_siblings(cls, conf: Any, plugins: dict[str, Any]) -> list[str]:
+        """An `instances` name must name what serves next to it: an ai-proxy-multi
+        instance, or ai-proxy's provider. Any other name is a budget no request is ever
+        charged to."""
+        instances = conf.get("instances") if isinstance(conf, dict) else None
+        if not isinstance(instances, list) or not instances:
+            return []
+        multi, single = plugins.get("ai-proxy-multi"), plugins.get("ai-proxy")
+        if isinstance(multi, dict) and isinstance(multi.get("instances"), list):
+            known = [i.get("name") for i in multi["instances"] if isinstance(i, dict)]
+            what, listed = "no ai-proxy-multi instance", "its instances"
+        elif isinstance(single, dict) and isinstance(single.get("provider"), str):
+            known = [single["provider"]]
+            what, listed = "not the provider of ai-proxy", "provider"
+        else:
+            return []  # served by plugins configured elsewhere (a service, a global rule)
+        return [f"instances[{index}].name: {entry['name']!r} is {what} configured with it "
+                f"({listed}: {', '.join(repr(name) for name in known)}); no request would "
+                "be charged to this budget"
+                for index, entry in enumerate(instances)
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and entry["name"] not in known]
+
     def _names_of(self, instance: str) -> HeaderNames:
         names = self.instance_headers.get(instance)
         if names is None:

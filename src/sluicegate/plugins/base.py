@@ -132,6 +132,13 @@ class Plugin:
         """Semantic checks beyond the schema; returns reasons (empty when fine)."""
         return []
 
+    @classmethod
+    def check_siblings(cls, conf: Any, plugins: dict[str, Any]) -> list[str]:
+        """Checks of this plugin's raw `conf` against the plugins configured next to it
+        (the same `plugins` object of a route, service or plugin_config), e.g. names that
+        must match another plugin's. Reasons are relative to this plugin's path."""
+        return []
+
 
 REGISTRY: dict[str, type[Plugin]] = {}
 
