@@ -123,7 +123,8 @@ def test_report_judges_each_target_from_the_numbers(results: Path, tmp_path: Pat
         "XDP drop vs user-space rejection": "met",          # 50x
     }
     assert "1.04x (17,835 vs 17,159 connections/s)" in doc
-    assert "splice: 1.98x haproxy-tcp throughput at 0.48x its CPU per GB" in doc
+    assert ("veth default, splice: 1.98x haproxy-tcp throughput at 0.48x its proxy CPU per "
+            "GB") in doc
     assert ("TPROXY (nftables) -0.6 % (gateway CPU per connection +0.0 %); "
             "eBPF sk_lookup -0.3 % (gateway CPU per connection +0.0 %)") in doc
     assert "50.00x (5,000,000 vs 100,000 packets/s); a lower bound: XDP dropped about all it " \
@@ -230,3 +231,24 @@ def test_a_noisy_core_run_is_flagged_in_the_doc(tmp_path: Path) -> None:
     write_report(tmp_path, doc_path, plots=False)
     assert ("**Noisy**: other processes used up to 106 % of a CPU during measured windows"
             in doc_path.read_text())
+
+
+def test_copy_part_is_judged_too_and_names_its_rig(results: Path, tmp_path: Path) -> None:
+    # The copy part: the same bulk rows measured with the gateway's receive work on its core.
+    def bulk(case: str, copy: str | None, gbps: float, s_per_gb: float, core: float) -> dict:
+        return {"load": "bulk", "case": case, "copy": copy, "unit": "Gbit/s", "measured": True,
+                "value": gbps, "runs": [gbps], "gw_cpu_per_unit": s_per_gb,
+                "gw_cpu_pct": 20.0, "gw_core_per_unit": core}
+
+    write_part(results, "copy", [bulk("explicit", "sockmap", 7.27, 0.23, 0.75),
+                                 bulk("explicit", "splice", 13.8, 0.34, 0.43),
+                                 bulk("haproxy", None, 5.82, 1.32, 1.27)])
+    doc_path = tmp_path / "docs" / "tproxy-vs-ebpf.md"
+    write_report(results, doc_path)
+    doc = doc_path.read_text()
+    # 7.27 / 5.82 = 1.25x at 0.23 / 1.32 = 0.17x: met in that rig, whatever the core rig says.
+    assert verdicts(doc)["kernel copy (sockmap, splice) vs haproxy-tcp"] == "met"
+    assert ("gateway-core receive (RPS), sockmap: 1.25x haproxy-tcp throughput at 0.17x its "
+            "proxy CPU per GB (0.59x counting all of the gateway core)") in doc
+    assert "## TCP bulk with the gateway's receive work on its own core (copy part)" in doc
+    assert "| explicit proxy | sockmap | 7.27 | 0.23 | 20 | 0.75 | 1.25x | 0.17x | 0.59x |" in doc

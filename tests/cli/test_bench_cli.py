@@ -34,8 +34,8 @@ def test_bench_interception_help_shows_the_options_and_an_example() -> None:
 def test_bench_interception_rejects_an_unknown_part() -> None:
     done = sluicegate("bench", "interception", "--parts", "core,warp")
     assert done.returncode == USAGE
-    assert done.stderr == ("error: --parts: unknown part warp (choose from core, scaling, "
-                           "flood)\n")
+    assert done.stderr == ("error: --parts: unknown part warp (choose from core, copy, "
+                           "scaling, flood)\n")
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,

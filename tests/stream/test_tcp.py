@@ -386,6 +386,48 @@ def test_slow_reader_keeps_relay_memory_bounded(start_relay, upstreams, splice):
     assert drained == [sent]
 
 
+def test_receiver_slower_than_the_sender_slows_the_sender(start_relay, upstreams, splice):
+    # The receiver reads all along, at most ~128 MB/s; the client could send ~10x that.
+    # What the client got rid of but the receiver has not read must stay within the
+    # socket buffers on the way plus what the relay holds (on the sockmap path: its bounded
+    # kernel queue), and every byte must arrive, in order.
+    received = [0]
+    digests: list[str] = []
+
+    def slow_reader(conn: socket.socket) -> None:
+        digest = hashlib.sha256()
+        while data := conn.recv(256 * 1024):
+            digest.update(data)
+            received[0] += len(data)
+            time.sleep(0.002)
+        digests.append(digest.hexdigest())
+
+    server = upstreams(slow_reader)
+    relay = start_relay([route_to(server.address)], splice)
+    client = relay.connect()
+    client.settimeout(0.05)
+    block = random.randbytes(BLOCK)
+    digest = hashlib.sha256()
+    sent = ahead = 0
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            n = client.send(block)
+        except TimeoutError:
+            continue
+        digest.update(block[:n])
+        sent += n
+        ahead = max(ahead, sent - received[0])
+    assert ahead < 64 * BLOCK, f"{ahead / BLOCK:.0f} MiB sent but not received"
+    client.settimeout(30)
+    client.shutdown(socket.SHUT_WR)
+    assert client.recv(1) == b""
+    client.close()
+    relay.wait_idle(10)
+    server.join()
+    assert received[0] == sent and digests == [digest.hexdigest()]
+
+
 def test_unreachable_upstream_resets_the_client_promptly(start_relay, splice):
     holder, dead = refused_address()
     relay = start_relay([route_to(dead)], splice)

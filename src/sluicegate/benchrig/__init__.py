@@ -8,6 +8,8 @@ removes its own namespaces (`sgb-<pid>-*`) and writes `DIR/<part>.json`
 
 - `core`: connection rate, HTTP keep-alive req/s, p50/p99, TCP bulk per L4 copy path and
   haproxy in TCP mode (the rig script `interception.sh`, its results read by `summary`);
+- `copy`: the bulk copy paths against haproxy again, with the gateway namespace's receive
+  work on the gateway's core (RPS), where the sockmap path's kernel work runs;
 - `scaling`: connection rate against the number of intercepted prefixes, per mode;
 - `flood`: XDP drop vs nftables drop vs user-space rejection under a flood (its rig in
   `flood_rig`, its packet sources in `flood_generator` and `live_frames`: the kernel's
@@ -17,4 +19,4 @@ removes its own namespaces (`sgb-<pid>-*`) and writes `DIR/<part>.json`
 Nothing here is imported by the gateway itself.
 """
 
-PARTS = ("core", "scaling", "flood")
+PARTS = ("core", "copy", "scaling", "flood")

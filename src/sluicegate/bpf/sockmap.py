@@ -35,7 +35,7 @@ BPF_SK_SKB_STREAM_VERDICT = 5
 # Mirrors of bpf/src/sockmap_splice.h (change both together).
 NO_RESUME = 0xFFFF_FFFF_FFFF_FFFF
 _KEY = struct.Struct("<Q")
-_CTL = struct.Struct("<QQ")  # peer, resume_at
+_CTL = struct.Struct("<QQQ")  # peer, resume_at, written_base
 _COUNT = struct.Struct("<QQQII")  # redirected, passed, trimmed, next_seq, flags
 BROKEN = 2  # sg_sm_count.flags: old bytes could not be cut off, the stream has a gap
 SO_COOKIE = 57  # socket.SO_COOKIE is missing from Python 3.11
@@ -92,15 +92,18 @@ class SockmapSplice:
     def prepare(self, cookie: int, peer: int) -> None:
         """Zero the counters and start passing (user space copies until `resume`)."""
         self.count.update(_KEY.pack(cookie), _COUNT.pack(0, 0, 0, 0, 0))
-        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, NO_RESUME))
+        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, NO_RESUME, 0))
 
     def insert(self, cookie: int, sock: socket.socket) -> None:
         """Put a socket in the SOCKHASH (an established TCP socket, else EOPNOTSUPP)."""
         self.sockets.update(_KEY.pack(cookie), _KEY.pack(sock.fileno()))
 
-    def resume(self, cookie: int, peer: int, resume_at: int) -> None:
-        """Redirect in the kernel once the program's `passed` count equals `resume_at`."""
-        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, resume_at))
+    def resume(self, cookie: int, peer: int, resume_at: int, written_base: int) -> None:
+        """Redirect in the kernel once the program's `passed` count equals `resume_at`.
+        `written_base`: the peer's bytes written (`bytes_written`) that did not come from
+        this socket's redirects, so the program can tell how many redirected bytes still
+        wait for the peer, and pass instead past SG_SM_BACKLOG_MAX (backpressure)."""
+        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, resume_at, written_base))
 
     def counts(self, cookie: int) -> tuple[int, int]:
         """(redirected, passed) bytes of the socket; zeros when unknown."""

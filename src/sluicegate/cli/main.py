@@ -124,10 +124,11 @@ COMMANDS = [
             "cmd_bench", [
                 Argument(("action",), {"choices": ["interception"],
                                        "help": "interception: TPROXY vs eBPF (issue 4)"}),
-                Argument(("--parts",), {"default": "core,scaling,flood", "metavar": "LIST",
+                Argument(("--parts",), {"default": "core,copy,scaling,flood",
+                                        "metavar": "LIST",
                                         "help": "comma-separated parts to measure: core, "
-                                                "scaling, flood (default: all); a part not "
-                                                "measured is reported as such"}),
+                                                "copy, scaling, flood (default: all); a part "
+                                                "not measured is reported as such"}),
                 Argument(("--duration",), {"type": int, "default": 10, "metavar": "S",
                                            "help": "measured seconds per window (default 10)"}),
                 Argument(("--runs",), {"type": int, "default": 3, "metavar": "N",

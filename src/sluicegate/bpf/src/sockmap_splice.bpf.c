@@ -17,10 +17,15 @@
  * (strparser), bytes passed to user space advance the socket's copied_seq twice (when
  * strparser reads them and when user space does), after which TCP no longer wakes the
  * parser for new bytes and the pair stalls. Without one, each skb goes from the receive
- * queue to the verdict (tcp_read_skb). Backpressure needs nothing here: with a receiver that
- * does not read, the sender stopped after ~19 MiB were queued (splice path: ~12 MiB).
- * Passing bytes to user space whenever the peer's send queue was full was tried and
- * dropped: it duplicated an skb now and then (verdict only) or stalled (strparser).
+ * queue to the verdict (tcp_read_skb).
+ *
+ * Backpressure: a redirected skb waits on the peer's psock queue until a work queue sends
+ * it, and the kernel bounds that queue nowhere. With a receiver that stopped reading the
+ * sender stopped after ~19 MiB anyway, but a receiver that reads, only slower, let iperf3
+ * over veths queue 1.5 GB in 4 s. So past SG_SM_BACKLOG_MAX bytes waiting for the peer the
+ * program passes instead (sg_sm_backlog_full): passing is sticky (resume_at no longer
+ * matches), user space forwards those bytes once the queue drained into the peer and then
+ * resumes, and bytes passed but unread close this socket's receive window meanwhile.
  *
  * Bytes TCP hands the program twice (a retransmission overlapping what it had) are cut off
  * by their sequence number before the verdict; see the comment in sg_sm_verdict.
@@ -62,6 +67,34 @@ struct {
 	__type(key, __u64);
 	__type(value, struct sg_sm_count);
 } sg_sm_count SEC(".maps");
+
+/* More than SG_SM_BACKLOG_MAX redirected bytes wait for the peer: the kernel sends them from
+ * the peer's psock queue in a work queue, which it does not bound, and tcp_read_skb gave the
+ * receive buffer back already, so nothing would slow the sender (measured: 1.5 GB queued in
+ * 4 s of iperf3). Passing the skb instead makes the direction pass until user space caught
+ * up (count.passed moved past resume_at), and bytes passed but not yet read are charged to
+ * this socket's receive buffer: its window closes and the sender waits. Bytes in the peer
+ * are counted as TCP_INFO's bytes_acked + what waits in its send queue, as user space does. */
+static __always_inline bool sg_sm_backlog_full(struct sg_sm_ctl *ctl, struct sg_sm_count *count,
+					       __u64 *peer)
+{
+	struct bpf_sock *sk = bpf_map_lookup_elem(&sg_sm_socks, peer);
+	struct tcp_sock *tp;
+	bool full = false;
+
+	if (!sk)
+		return false;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (tp) {
+		__u64 written = tp->bytes_acked + (__u32)(tp->write_seq - tp->snd_una);
+		__u64 reached = written - ctl->written_base;
+
+		full = count->redirected > reached &&
+		       count->redirected - reached > SG_SM_BACKLOG_MAX;
+	}
+	bpf_sk_release(sk);
+	return full;
+}
 
 SEC("sk_skb/stream_verdict")
 int sg_sm_verdict(struct __sk_buff *skb)
@@ -113,7 +146,7 @@ int sg_sm_verdict(struct __sk_buff *skb)
 	count->flags |= SG_SM_SEQ_KNOWN;
 
 	peer = ctl->peer;
-	if (ctl->resume_at != count->passed) {
+	if (ctl->resume_at != count->passed || sg_sm_backlog_full(ctl, count, &peer)) {
 		__sync_fetch_and_add(&count->passed, skb->len);
 		return SK_PASS_VERDICT;
 	}

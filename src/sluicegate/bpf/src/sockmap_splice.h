@@ -8,10 +8,19 @@
 /* sg_sm_ctl.resume_at while user space is still copying a direction itself. */
 #define SG_SM_NO_RESUME 0xffffffffffffffffULL
 
+/* Redirected bytes allowed to wait for the peer socket (on its psock queue, not yet in its
+ * send buffer) before the program passes to user space instead: the bound that gives the
+ * kernel path backpressure (sockmap_splice.bpf.c, sg_sm_backlog_full). */
+#define SG_SM_BACKLOG_MAX (16ULL << 20)
+
 /* Per socket (key: its socket cookie), written only by user space. */
 struct sg_sm_ctl {
 	__u64 peer;      /* socket cookie of the other socket of the pair: where bytes go */
 	__u64 resume_at; /* redirect in the kernel only while sg_sm_count.passed == this */
+	/* The peer's bytes written (tcpi_bytes_acked + unacked/unsent) that did not come from
+	 * this socket's redirects, as of the last resume: written - written_base is what the
+	 * redirects put into the peer so far. */
+	__u64 written_base;
 };
 
 /* Per socket (key: its socket cookie), written only by the program (atomic adds). */
