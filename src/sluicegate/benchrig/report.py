@@ -533,8 +533,10 @@ def document(parts: dict, images: dict[str, str]) -> str:
         "rule scaling compares the connection rate at the fewest and the most prefixes; the "
         "kernel-copy target compares sluicegate's explicit L4 proxy with `copy: sockmap` and "
         "with `copy: splice` (met when either meets it) against haproxy in `mode tcp` in the "
-        "same rig, CPU as utime+stime of each proxy's processes per GB moved (the sockmap "
-        "path's softirq work is charged to whichever CPU received, not to the gateway); the "
+        "same rig, in the core rig and in the copy part's (the gateway's receive work on its "
+        "own core), CPU as utime+stime of each proxy's processes per GB moved; the sockmap "
+        "path's softirq and work-queue time is not in that, so *counting all of the gateway "
+        "core* (its busy time per GB, whatever ran there) is given next to it; the "
         "flood target compares packets/s dropped by XDP with packets/s rejected in user "
         "space, and per CPU-second each path spent.",
         "",
