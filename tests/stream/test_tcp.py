@@ -351,6 +351,17 @@ def test_upstream_half_close_lets_the_client_keep_sending(start_relay, upstreams
     assert received == [b"still talking " * 1000]
 
 
+def end_upload(client: socket.socket, relay: Relay, server: Upstream) -> None:
+    """The client is done sending: its EOF goes through, the upstream's end comes back as
+    EOF, and the relay and the upstream finish."""
+    client.settimeout(30)
+    client.shutdown(socket.SHUT_WR)
+    assert client.recv(1) == b""
+    client.close()
+    relay.wait_idle(10)
+    server.join()
+
+
 def test_slow_reader_keeps_relay_memory_bounded(start_relay, upstreams, splice):
     start_reading = threading.Event()
     drained: list[int] = []
@@ -377,12 +388,7 @@ def test_slow_reader_keeps_relay_memory_bounded(start_relay, upstreams, splice):
     assert sent < limit
     assert grown < 32 * BLOCK, f"relay memory grew {grown / BLOCK:.1f} MiB"
     start_reading.set()
-    client.settimeout(30)
-    client.shutdown(socket.SHUT_WR)
-    assert client.recv(1) == b""
-    client.close()
-    relay.wait_idle(10)
-    server.join()
+    end_upload(client, relay, server)
     assert drained == [sent]
 
 
@@ -419,12 +425,7 @@ def test_receiver_slower_than_the_sender_slows_the_sender(start_relay, upstreams
         sent += n
         ahead = max(ahead, sent - received[0])
     assert ahead < 64 * BLOCK, f"{ahead / BLOCK:.0f} MiB sent but not received"
-    client.settimeout(30)
-    client.shutdown(socket.SHUT_WR)
-    assert client.recv(1) == b""
-    client.close()
-    relay.wait_idle(10)
-    server.join()
+    end_upload(client, relay, server)
     assert received[0] == sent and digests == [digest.hexdigest()]
 
 

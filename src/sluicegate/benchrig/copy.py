@@ -16,13 +16,7 @@ interrupts would on a gateway host of its own. Same method and files as `core` o
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
-from datetime import UTC, datetime
-from pathlib import Path
 
 from sluicegate.benchrig import core
 
@@ -36,36 +30,7 @@ METHOD = [*core.METHOD,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sluicegate.benchrig.copy",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
-    parser.add_argument("--duration", type=int, default=10, metavar="S",
-                        help="measured seconds per case and run (default 10)")
-    parser.add_argument("--runs", type=int, default=3, metavar="N",
-                        help="interleaved runs; medians are reported (default 3)")
-    args = parser.parse_args(argv)
-    if args.duration < 1 or args.runs < 1:
-        print("error: --duration and --runs must be at least 1", file=sys.stderr)
-        return 2
-    if os.geteuid() != 0:
-        print("error: the copy part needs root (network namespaces, BPF)", file=sys.stderr)
-        return 3
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = args.out / f"{PART}.json"
-    result.unlink(missing_ok=True)   # never leave an earlier run's numbers as this run's
-    run_dir = args.out / f"{PART}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-    started = time.monotonic()
-    os.environ.update(SETTINGS)
-    rc = core.run_rig(run_dir, args.duration, args.runs)
-    if rc != 0:
-        print(f"error: the copy rig failed (exit {rc}); see {run_dir}/logs", file=sys.stderr)
-        return rc
-    document = core.document(run_dir, args.duration, args.runs, started)
-    document["part"] = PART
-    document["meta"]["method"] = METHOD
-    result.write_text(json.dumps(document, indent=1) + "\n")
-    print(f"[copy] wrote {result}", file=sys.stderr)
-    return 0
+    return core.run_part(PART, __doc__, argv, SETTINGS, METHOD)
 
 
 if __name__ == "__main__":

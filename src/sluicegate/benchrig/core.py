@@ -106,9 +106,13 @@ def document(run_dir: Path, duration: int, runs: int, started: float) -> dict[st
     return {"part": PART, "meta": meta, "rows": summary.rows(run_dir)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sluicegate.benchrig.core",
-                                     description=__doc__.split("\n\n")[0])
+def run_part(part: str, doc: str, argv: list[str] | None, settings: dict[str, str] | None = None,
+             method: list[str] | None = None) -> int:
+    """A part measured by interception.sh: `--out/--duration/--runs`, the rig run into
+    DIR/<part>-<timestamp>/, DIR/<part>.json written. `settings` are the script's
+    environment settings the part fixes; `method` replaces METHOD in the meta."""
+    parser = argparse.ArgumentParser(prog=f"python -m sluicegate.benchrig.{part}",
+                                     description=doc.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, metavar="DIR")
     parser.add_argument("--duration", type=int, default=10, metavar="S",
                         help="measured seconds per case, load and run (default 10)")
@@ -119,23 +123,32 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --duration and --runs must be at least 1", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
-        print("error: the core part needs root (network namespaces, nftables, BPF)",
+        print(f"error: the {part} part needs root (network namespaces, nftables, BPF)",
               file=sys.stderr)
         return 3
     args.out.mkdir(parents=True, exist_ok=True)
-    result = args.out / f"{PART}.json"
+    result = args.out / f"{part}.json"
     result.unlink(missing_ok=True)   # never leave an earlier run's numbers as this run's
     # A directory per run: an earlier run's files never mix into this one's medians.
-    run_dir = args.out / f"{PART}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    run_dir = args.out / f"{part}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     started = time.monotonic()
+    os.environ.update(settings or {})
     rc = run_rig(run_dir, args.duration, args.runs)
     if rc != 0:
-        print(f"error: the core rig failed (exit {rc}); see {run_dir}/logs", file=sys.stderr)
+        print(f"error: the {part} rig failed (exit {rc}); see {run_dir}/logs",
+              file=sys.stderr)
         return rc
-    result.write_text(json.dumps(document(run_dir, args.duration, args.runs, started),
-                                 indent=1) + "\n")
-    print(f"[core] wrote {result}", file=sys.stderr)
+    part_doc = document(run_dir, args.duration, args.runs, started)
+    part_doc["part"] = part
+    if method is not None:
+        part_doc["meta"]["method"] = method
+    result.write_text(json.dumps(part_doc, indent=1) + "\n")
+    print(f"[{part}] wrote {result}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_part(PART, __doc__, argv)
 
 
 if __name__ == "__main__":
