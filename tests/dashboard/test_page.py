@@ -4,6 +4,7 @@ sees must be what /metrics and the health checks say."""
 from __future__ import annotations
 
 import http.client
+import threading
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from dashboard.views import (
     send,
 )
 from harness import EchoUpstream
+from sluicegate.dashboard.stats import RATE_WINDOW
 
 # Active checks in the health test: probe every second, one failed connect is enough.
 CHECK_INTERVAL = 1.0
@@ -95,18 +97,29 @@ def test_page_shows_the_request_counts_of_metrics(nginx, start_gateway, watched_
     # The route's plugins, from the config.
     assert page.locator('#routes tr[data-route="home"] .tag').all_text_contents() == \
         ["proxy-rewrite"]
-    # Live rates: requests go on while the page draws them.
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        send(gateway, "/status/500", 5)
-        send(gateway, "/", 5)
-        time.sleep(0.1)
-    rate = page.locator('#routes tr[data-route="broken"] td.error-rate')
-    eventually(lambda: rate.text_content() == "100.0", timeout=PAGE_LAG,
-               what="the 5xx share of route broken")
-    eventually(lambda: page.locator("#chart-rps .u-legend").count() == 1 and
-               "home" in (page.locator("#chart-rps .u-legend").text_content() or ""),
-               timeout=PAGE_LAG, what="a chart line for route home")
+    # Live rates: requests go on while the page draws them. The share is over the last
+    # RATE_WINDOW seconds, which still hold the two 404s at first: it reaches 100.0 once
+    # they left it, as long as 500s keep coming (so the traffic runs until it did).
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            send(gateway, "/status/500", 5)
+            send(gateway, "/", 5)
+            time.sleep(0.1)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        rate = page.locator('#routes tr[data-route="broken"] td.error-rate')
+        eventually(lambda: rate.text_content() == "100.0",
+                   timeout=RATE_WINDOW + PAGE_LAG + 2, what="the 5xx share of route broken")
+        eventually(lambda: page.locator("#chart-rps .u-legend").count() == 1 and
+                   "home" in (page.locator("#chart-rps .u-legend").text_content() or ""),
+                   timeout=PAGE_LAG, what="a chart line for route home")
+    finally:
+        stop.set()
+        sender.join(10)
     assert page.locator("#chart-rps canvas").count() == 1
     page.screenshot(path=str(artifacts / f"traffic-{workers}-workers.png"), full_page=True)
     assert watch.errors == []
