@@ -254,8 +254,8 @@ class StreamProxySettings(Strict):
                                                                              alias="copy")
     """`copy`: how TCP bytes are relayed (overrides `splice`): `sockmap` joins the two
     sockets in the kernel with an sk_skb program (docs/ebpf.md; falls back to splice when
-    it can't load), `splice` uses os.splice, `userspace` the asyncio copy, `auto` the first
-    that works here in that order. null: as `splice` says."""
+    it can't load), `splice` uses os.splice, `userspace` the asyncio copy, `auto` splice
+    where os.splice exists, else the asyncio copy. null: as `splice` says."""
     udp_idle_timeout: float = Field(60.0, gt=0, le=86_400)
     """A UDP flow (session) ends after this many seconds without a datagram."""
 
