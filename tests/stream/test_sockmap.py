@@ -387,6 +387,47 @@ def test_intercepted_tcp_on_the_sockmap_path_arrives_intact_both_ways(rig: Rig, 
 
 
 
+# -- the backlog bound (gateway.stream_proxy.sockmap_backlog) -------------------------------
+
+@pytest.fixture
+def small_backlog() -> Iterator[int]:
+    """A 256 KiB bound for the pairs joined during the test: many switches between the
+    kernel and user space."""
+    sockmap.set_backlog(256 << 10)
+    yield 256 << 10
+    sockmap.set_backlog(sockmap.DEFAULT_BACKLOG)
+
+
+def test_backlog_setting_reaches_the_programs_entries(start_relay, upstreams, small_backlog):
+    server = upstreams(echo)
+    relay = start_relay([route_to(server.address)])
+    with relay.connect() as client:
+        assert round_trip_ping(client)  # joined
+        maps = sockmap.shared()
+        entries = [maps.ctl.lookup(key, 32) for key in maps.ctl.keys(8)]
+        bounds = [struct.unpack("<QQQQ", entry)[3] for entry in entries if entry]
+        assert bounds.count(small_backlog) >= 2  # the client's and the upstream's
+
+
+def test_a_small_backlog_bound_keeps_every_byte_in_order(start_relay, upstreams,
+                                                         small_backlog):
+    # test_tcp's slow receiver (sha256 of every byte, bounded lead), with the kernel path
+    # handing over to user space and back every 256 KiB of lead.
+    from stream.test_tcp import test_receiver_slower_than_the_sender_slows_the_sender as slow
+
+    slow(start_relay, upstreams, False)
+
+
+def test_backlog_setting_is_checked_at_load():
+    from sluicegate.config.load import ConfigError, validate_config
+
+    with pytest.raises(ConfigError) as caught:
+        validate_config({"gateway": {"stream_proxy": {"copy": "sockmap",
+                                                       "sockmap_backlog": 1000}}})
+    assert any(error.startswith("gateway.stream_proxy.sockmap_backlog: ")
+               for error in caught.value.errors), caught.value.errors
+
+
 # -- backpressure: a sender faster than its receiver, over veths ---------------------------
 
 def test_iperf3_through_the_sockmap_relay_never_runs_ahead_of_its_server(rig: Rig):

@@ -35,7 +35,10 @@ BPF_SK_SKB_STREAM_VERDICT = 5
 # Mirrors of bpf/src/sockmap_splice.h (change both together).
 NO_RESUME = 0xFFFF_FFFF_FFFF_FFFF
 _KEY = struct.Struct("<Q")
-_CTL = struct.Struct("<QQQ")  # peer, resume_at, written_base
+_CTL = struct.Struct("<QQQQ")  # peer, resume_at, written_base, backlog_max
+# SG_SM_BACKLOG_MAX: redirected bytes that may wait for the peer before the program passes
+# to user space (backpressure); gateway.stream_proxy.sockmap_backlog sets another.
+DEFAULT_BACKLOG = 16 << 20
 _COUNT = struct.Struct("<QQQII")  # redirected, passed, trimmed, next_seq, flags
 BROKEN = 2  # sg_sm_count.flags: old bytes could not be cut off, the stream has a gap
 SO_COOKIE = 57  # socket.SO_COOKIE is missing from Python 3.11
@@ -43,6 +46,8 @@ SO_COOKIE = 57  # socket.SO_COOKIE is missing from Python 3.11
 _lock = threading.Lock()
 _shared: SockmapSplice | None = None
 _failure: str | None = None
+# The process's bound on what waits in the kernel per direction (set_backlog).
+_backlog = DEFAULT_BACKLOG
 
 
 class SockmapUnavailable(Exception):
@@ -92,7 +97,7 @@ class SockmapSplice:
     def prepare(self, cookie: int, peer: int) -> None:
         """Zero the counters and start passing (user space copies until `resume`)."""
         self.count.update(_KEY.pack(cookie), _COUNT.pack(0, 0, 0, 0, 0))
-        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, NO_RESUME, 0))
+        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, NO_RESUME, 0, _backlog))
 
     def insert(self, cookie: int, sock: socket.socket) -> None:
         """Put a socket in the SOCKHASH (an established TCP socket, else EOPNOTSUPP)."""
@@ -103,7 +108,7 @@ class SockmapSplice:
         `written_base`: the peer's bytes written (`bytes_written`) that did not come from
         this socket's redirects, so the program can tell how many redirected bytes still
         wait for the peer, and pass instead past SG_SM_BACKLOG_MAX (backpressure)."""
-        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, resume_at, written_base))
+        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, resume_at, written_base, _backlog))
 
     def counts(self, cookie: int) -> tuple[int, int]:
         """(redirected, passed) bytes of the socket; zeros when unknown."""
@@ -137,6 +142,19 @@ class SockmapSplice:
         libbpf = self._libbpf
         return {"programs": [libbpf.describe(self.obj.program(VERDICT_PROGRAM).fd)],
                 "maps": [libbpf.describe(m.fd) for m in (self.sockets, self.ctl, self.count)]}
+
+
+def set_backlog(limit: int) -> None:
+    """Redirected bytes a direction may have waiting for its peer in the kernel before the
+    program passes to user space until the peer caught up (backpressure), for pairs joined
+    from now on: more costs memory, less costs user-space copying (docs/ebpf.md)."""
+    global _backlog
+    _backlog = limit
+
+
+def backlog() -> int:
+    """The bound `set_backlog` gave (DEFAULT_BACKLOG until then)."""
+    return _backlog
 
 
 def shared() -> SockmapSplice:

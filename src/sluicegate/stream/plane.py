@@ -48,6 +48,10 @@ class StreamPlane:
         settings = config.gateway.stream_proxy
         self.splice = settings.splice
         self.copy = settings.copy_path  # `copy`: overrides splice (stream/sockmap_relay.py)
+        if self.copy == "sockmap":
+            from sluicegate.bpf import sockmap
+
+            sockmap.set_backlog(settings.sockmap_backlog)
         self.udp_idle_timeout = settings.udp_idle_timeout
         self.table = stream_table(config)
         self.explicit_tcp: StreamServer | None = None

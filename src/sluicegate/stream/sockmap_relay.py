@@ -17,16 +17,16 @@ How a pair is joined (`SockmapConnection.start_relay`):
    program passing until user space has forwarded it too, so no byte overtakes another.
 
 Backpressure: the kernel queues a redirected skb on the receiving socket's psock and sends
-it from a work queue, without any bound, so the program bounds it: past SG_SM_BACKLOG_MAX
-(16 MiB) redirected bytes not yet in dst (it reads dst's TCP counters; `written_base`,
-given at each resume, tells which of dst's bytes came from user space), it passes instead.
-The direction then runs as during setup: this side reads the passed bytes once every
-redirected byte is in dst, forwards them, and resumes; bytes passed but not yet read are
-charged to src's receive buffer, whose window closes, so the sender waits. Measured: iperf3
-over veths, whose client had run 1.5 GB ahead of its server in 4 s, now stays within a few
-MiB of it (tests/stream/test_sockmap.py), and the relay moves about twice as much for it
-(6.4 instead of 3.4 Gbit/s in the bench's core rig), as the client no longer spends the
-shared core on bytes that only queue up.
+it from a work queue, without any bound, so the program bounds it: past the bound
+(`stream_proxy.sockmap_backlog`, 16 MiB by default) of redirected bytes not yet in dst (it
+reads dst's TCP counters; `written_base`, given at each resume, tells which of dst's bytes
+came from user space), it passes instead. The direction then runs as during setup: this
+side reads the passed bytes once every redirected byte is in dst, forwards them, and
+resumes; bytes passed but not yet read are charged to src's receive buffer, whose window
+closes, so the sender waits. Measured: iperf3 over veths, whose client had run 1.5 GB ahead
+of its server in 4 s, now stays within a few MiB of it (tests/stream/test_sockmap.py), and
+the relay moves about twice as much for it (6.4 instead of 3.4 Gbit/s in the bench's core
+rig), as the client no longer spends the shared core on bytes that only queue up.
 
 End of stream: each socket stays registered with the event loop for readability. With the
 program attached, `recv` returns only passed bytes, b"" at the peer's FIN and ECONNRESET
@@ -58,6 +58,7 @@ import termios
 from typing import Any
 
 from sluicegate.bpf.libbpf import BpfError
+from sluicegate.bpf.sockmap import backlog as sockmap_backlog
 from sluicegate.http.clock import CLOCK
 from sluicegate.stream.connection import StreamConnection
 from sluicegate.stream.copy_relay import CopyConnection
@@ -76,8 +77,8 @@ READ_CHUNK = 1024 * 1024
 # that wait poll; 2 ms keeps a request/response exchange that hits it short.
 SETTLE_SECONDS = 0.002
 # Bytes redirected but not yet in the receiving socket above which the sweep logs a warning
-# (once per direction): the program keeps that queue near SG_SM_BACKLOG_MAX (16 MiB), so
-# this much means the bound did not hold (module docs).
+# (once per direction), or 4x the program's bound (sockmap_backlog) if that is more: past
+# it, the bound did not hold (module docs).
 BACKLOG_WARN_BYTES = 64 * 1024 * 1024
 # Drain-and-resume rounds per readiness event before leaving the rest to the next event.
 RESUME_ROUNDS = 4
@@ -376,7 +377,7 @@ class _KernelDirection:
         except OSError:
             return
         waiting = self.redirected + self.user_moved - written
-        if waiting > BACKLOG_WARN_BYTES and not self.warned:
+        if waiting > max(BACKLOG_WARN_BYTES, 4 * sockmap_backlog()) and not self.warned:
             self.warned = True
             log.warning("stream relay for %s: %d MiB redirected in the kernel wait for the "
                         "receiver (more than the program's bound: the kernel kept queueing)",

@@ -88,9 +88,9 @@ static __always_inline bool sg_sm_backlog_full(struct sg_sm_ctl *ctl, struct sg_
 	if (tp) {
 		__u64 written = tp->bytes_acked + (__u32)(tp->write_seq - tp->snd_una);
 		__u64 reached = written - ctl->written_base;
+		__u64 bound = ctl->backlog_max ? ctl->backlog_max : SG_SM_BACKLOG_MAX;
 
-		full = count->redirected > reached &&
-		       count->redirected - reached > SG_SM_BACKLOG_MAX;
+		full = count->redirected > reached && count->redirected - reached > bound;
 	}
 	bpf_sk_release(sk);
 	return full;

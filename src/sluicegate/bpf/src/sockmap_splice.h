@@ -10,7 +10,8 @@
 
 /* Redirected bytes allowed to wait for the peer socket (on its psock queue, not yet in its
  * send buffer) before the program passes to user space instead: the bound that gives the
- * kernel path backpressure (sockmap_splice.bpf.c, sg_sm_backlog_full). */
+ * kernel path backpressure (sockmap_splice.bpf.c, sg_sm_backlog_full), when
+ * sg_sm_ctl.backlog_max does not set another (gateway.stream_proxy.sockmap_backlog). */
 #define SG_SM_BACKLOG_MAX (16ULL << 20)
 
 /* Per socket (key: its socket cookie), written only by user space. */
@@ -21,6 +22,7 @@ struct sg_sm_ctl {
 	 * this socket's redirects, as of the last resume: written - written_base is what the
 	 * redirects put into the peer so far. */
 	__u64 written_base;
+	__u64 backlog_max; /* the bound for this direction; 0: SG_SM_BACKLOG_MAX */
 };
 
 /* Per socket (key: its socket cookie), written only by the program (atomic adds). */
