@@ -395,7 +395,7 @@ def small_backlog() -> Iterator[int]:
     kernel and user space."""
     sockmap.set_backlog(256 << 10)
     yield 256 << 10
-    sockmap.set_backlog(sockmap.DEFAULT_BACKLOG)
+    sockmap.set_backlog(None)
 
 
 def test_backlog_setting_reaches_the_programs_entries(start_relay, upstreams, small_backlog):
@@ -416,6 +416,45 @@ def test_a_small_backlog_bound_keeps_every_byte_in_order(start_relay, upstreams,
     from stream.test_tcp import test_receiver_slower_than_the_sender_slows_the_sender as slow
 
     slow(start_relay, upstreams, False)
+
+
+def test_default_backlog_is_the_largest_receive_buffer_within_limits(tmp_path):
+    # Read from the namespace's tcp_rmem ("min default max"); a bound below the window a
+    # sender may fill would leave most of its bytes to user space.
+    rmem = tmp_path / "tcp_rmem"
+    for line, bound in [("4096 131072 33554432", 32 * MIB), ("4096 131072 6291456", 16 * MIB),
+                        ("4096 131072 4294967296", 1024 * MIB), ("garbage", 16 * MIB)]:
+        rmem.write_text(line + "\n")
+        assert sockmap.default_backlog(str(rmem)) == bound, line
+
+
+def send_buffers(port: int) -> list[int]:
+    """The send buffer size (ss's skmem tb) of each established TCP socket on loopback with
+    `port` at either end."""
+    out = subprocess.run(["ss", "-tmnH", "state", "established",
+                          f"( sport = :{port} or dport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return [int(part.split(",")[0]) for part in out.split(",tb")[1:]]
+
+
+def test_joined_sockets_send_from_the_largest_buffer_allowed(start_relay, upstreams):
+    # The kernel feeds a redirect into its socket only while less than half the send buffer
+    # is used, else a jiffy later: the buffer sets the path's speed (sockmap_send_buffer).
+    from sluicegate import sysctl
+
+    wmem_max = sysctl.read_ints(sysctl.WMEM_MAX)[0]  # type: ignore[index]
+    autotuned_max = sysctl.read_ints(sysctl.TCP_WMEM)[2]  # type: ignore[index]
+    server = upstreams(echo)
+    relay = start_relay([route_to(server.address)])
+    with relay.connect() as client:
+        assert round_trip_ping(client)  # joined
+        client_side = send_buffers(relay.port)  # the test's client and the relay's socket
+        upstream_side = send_buffers(server.address[1])
+    if 2 * wmem_max > autotuned_max:
+        assert client_side.count(2 * wmem_max) == 1, client_side  # the relay's, not ours
+        assert upstream_side.count(2 * wmem_max) == 1, upstream_side
+    else:
+        assert max(client_side + upstream_side) <= autotuned_max
 
 
 def test_backlog_setting_is_checked_at_load():
@@ -446,6 +485,8 @@ def test_iperf3_through_the_sockmap_relay_never_runs_ahead_of_its_server(rig: Ri
                   "nodes": {f"{rig.server_v4}:5201": 1}}}]}
     path = rig.workdir / "sockmap.yaml"
     path.write_text(yaml.safe_dump(config))
+    # No sockmap_backlog set: the bound is the namespace's largest TCP receive buffer.
+    rig.gateway.run(["sysctl", "-qw", f"net.ipv4.tcp_rmem=4096 131072 {40 * MIB}"])
     log = (rig.workdir / "sockmap.log").open("w")
     gateway = rig.gateway.popen([PYTHON, "-m", "sluicegate", "run", "-c", str(path)],
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -459,7 +500,8 @@ def test_iperf3_through_the_sockmap_relay_never_runs_ahead_of_its_server(rig: Ri
     # iperf3 counts what its client wrote in 3 s and what its server read; the difference
     # is what was on its way when the client stopped: socket buffers and the bounded queue.
     assert sent - received < 96 * MIB, (sent, received)
-    assert "stream copy: sockmap" in (rig.workdir / "sockmap.log").read_text()
+    assert f"up to {40 * MIB >> 10} KiB per direction" in (rig.workdir / "sockmap.log"
+                                                            ).read_text()
 
 
 # -- a retransmission that overlaps bytes already redirected ---------------------------------

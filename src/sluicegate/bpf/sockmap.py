@@ -21,6 +21,7 @@ import struct
 import threading
 from typing import Any
 
+from sluicegate import sysctl
 from sluicegate.bpf import object_path
 
 log = logging.getLogger("sluicegate.bpf")
@@ -37,8 +38,10 @@ NO_RESUME = 0xFFFF_FFFF_FFFF_FFFF
 _KEY = struct.Struct("<Q")
 _CTL = struct.Struct("<QQQQ")  # peer, resume_at, written_base, backlog_max
 # SG_SM_BACKLOG_MAX: redirected bytes that may wait for the peer before the program passes
-# to user space (backpressure); gateway.stream_proxy.sockmap_backlog sets another.
+# to user space (backpressure), and the least bound `default_backlog` gives;
+# gateway.stream_proxy.sockmap_backlog sets another.
 DEFAULT_BACKLOG = 16 << 20
+MAX_BACKLOG = 1 << 30  # the most the setting allows (config/model.py)
 _COUNT = struct.Struct("<QQQII")  # redirected, passed, trimmed, next_seq, flags
 BROKEN = 2  # sg_sm_count.flags: old bytes could not be cut off, the stream has a gap
 SO_COOKIE = 57  # socket.SO_COOKIE is missing from Python 3.11
@@ -46,8 +49,9 @@ SO_COOKIE = 57  # socket.SO_COOKIE is missing from Python 3.11
 _lock = threading.Lock()
 _shared: SockmapSplice | None = None
 _failure: str | None = None
-# The process's bound on what waits in the kernel per direction (set_backlog).
-_backlog = DEFAULT_BACKLOG
+# The process's bound on what waits in the kernel per direction (set_backlog); None: not
+# set, `default_backlog()`.
+_backlog: int | None = None
 
 
 class SockmapUnavailable(Exception):
@@ -97,7 +101,7 @@ class SockmapSplice:
     def prepare(self, cookie: int, peer: int) -> None:
         """Zero the counters and start passing (user space copies until `resume`)."""
         self.count.update(_KEY.pack(cookie), _COUNT.pack(0, 0, 0, 0, 0))
-        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, NO_RESUME, 0, _backlog))
+        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, NO_RESUME, 0, backlog()))
 
     def insert(self, cookie: int, sock: socket.socket) -> None:
         """Put a socket in the SOCKHASH (an established TCP socket, else EOPNOTSUPP)."""
@@ -108,7 +112,7 @@ class SockmapSplice:
         `written_base`: the peer's bytes written (`bytes_written`) that did not come from
         this socket's redirects, so the program can tell how many redirected bytes still
         wait for the peer, and pass instead past SG_SM_BACKLOG_MAX (backpressure)."""
-        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, resume_at, written_base, _backlog))
+        self.ctl.update(_KEY.pack(cookie), _CTL.pack(peer, resume_at, written_base, backlog()))
 
     def counts(self, cookie: int) -> tuple[int, int]:
         """(redirected, passed) bytes of the socket; zeros when unknown."""
@@ -144,17 +148,38 @@ class SockmapSplice:
                 "maps": [libbpf.describe(m.fd) for m in (self.sockets, self.ctl, self.count)]}
 
 
-def set_backlog(limit: int) -> None:
+def set_backlog(limit: int | None) -> None:
     """Redirected bytes a direction may have waiting for its peer in the kernel before the
     program passes to user space until the peer caught up (backpressure), for pairs joined
-    from now on: more costs memory, less costs user-space copying (docs/ebpf.md)."""
+    from now on: more costs memory, less costs user-space copying (docs/ebpf.md). None:
+    `default_backlog()`."""
     global _backlog
     _backlog = limit
 
 
 def backlog() -> int:
-    """The bound `set_backlog` gave (DEFAULT_BACKLOG until then)."""
+    """The bound `set_backlog` gave, else `default_backlog()`."""
+    global _backlog
+    if _backlog is None:
+        _backlog = default_backlog()
     return _backlog
+
+
+def default_backlog(rmem_path: str = sysctl.TCP_RMEM) -> int:
+    """The bound when the config sets none: the largest receive buffer TCP may give a socket
+    in this network namespace (net.ipv4.tcp_rmem's max), at least DEFAULT_BACKLOG, at most
+    MAX_BACKLOG.
+
+    Why the receive buffer: when the bound is reached the program passes, and the sender
+    may still fill the window it was given, which the receive buffer sizes; user space
+    copies those bytes. So about one window is copied in user space per bound moved in the
+    kernel, and a bound below the window leaves a fast sender's bytes mostly to user space
+    (measured with tcp_rmem's max at 32 MiB and a 16 MiB bound: a quarter of the bytes).
+    The kernel memory it allows is what the socket's receive buffer could hold anyway."""
+    rmem = sysctl.read_ints(rmem_path)
+    if not rmem or len(rmem) < 3:
+        return DEFAULT_BACKLOG
+    return min(max(DEFAULT_BACKLOG, rmem[2]), MAX_BACKLOG)
 
 
 def shared() -> SockmapSplice:

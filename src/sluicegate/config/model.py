@@ -256,11 +256,12 @@ class StreamProxySettings(Strict):
     sockets in the kernel with an sk_skb program (docs/ebpf.md; falls back to splice when
     it can't load), `splice` uses os.splice, `userspace` the asyncio copy, `auto` splice
     where os.splice exists, else the asyncio copy. null: as `splice` says."""
-    sockmap_backlog: int = Field(16 << 20, ge=256 << 10, le=1 << 30)
+    sockmap_backlog: int | None = Field(None, ge=256 << 10, le=1 << 30)
     """`copy: sockmap` only: bytes of one direction that may wait in the kernel for a slower
     receiver before the program hands the rest to user space until it caught up (the
     path's backpressure). More costs kernel memory per connection; less costs user-space
-    copying. Default 16 MiB (docs/ebpf.md)."""
+    copying. null: the largest TCP receive buffer of the gateway's network namespace
+    (net.ipv4.tcp_rmem's max), at least 16 MiB (docs/ebpf.md)."""
     udp_idle_timeout: float = Field(60.0, gt=0, le=86_400)
     """A UDP flow (session) ends after this many seconds without a datagram."""
 

@@ -11,10 +11,11 @@ How a pair is joined (`SockmapConnection.start_relay`):
    callback, so bytes that arrived before the insert are handed to the program now, not
    when the next segment comes (which, for a client waiting for an answer, is never);
 3. each direction starts in user space: it reads what the program passed, writes it to the
-   other socket, and once its socket is drained — every byte passed up to then was read
-   here, none still queued on the psock's backlog — tells the program to redirect from
-   the `passed` count it read *before* draining. A byte passed after that read keeps the
-   program passing until user space has forwarded it too, so no byte overtakes another.
+   other socket, and once its socket is drained, reads the program's `passed` count; if
+   every byte it counts was read here (none still on its way to the socket or on the
+   psock's backlog), it tells the program to redirect from that count on. A byte passed
+   after that read keeps the program passing until user space has forwarded it too, so no
+   byte overtakes another.
 
 Backpressure: the kernel queues a redirected skb on the receiving socket's psock and sends
 it from a work queue, without any bound, so the program bounds it: past the bound
@@ -26,7 +27,11 @@ resumes; bytes passed but not yet read are charged to src's receive buffer, whos
 closes, so the sender waits. Measured: iperf3 over veths, whose client had run 1.5 GB ahead
 of its server in 4 s, now stays within a few MiB of it (tests/stream/test_sockmap.py), and
 the relay moves about twice as much for it (6.4 instead of 3.4 Gbit/s in the bench's core
-rig), as the client no longer spends the shared core on bytes that only queue up.
+rig), as the client no longer spends the shared core on bytes that only queue up. Each such
+pause costs about one receive window of user-space copying (what the sender may still send
+once the program passes), so the bound defaults to the largest receive buffer
+(`bpf.sockmap.default_backlog`), and both sockets ask for a large send buffer, which sets
+how fast the kernel empties the queue at all (`sockmap_send_buffer`).
 
 End of stream: each socket stays registered with the event loop for readability. With the
 program attached, `recv` returns only passed bytes, b"" at the peer's FIN and ECONNRESET
@@ -50,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
@@ -57,6 +63,7 @@ import struct
 import termios
 from typing import Any
 
+from sluicegate import sysctl
 from sluicegate.bpf.libbpf import BpfError
 from sluicegate.bpf.sockmap import backlog as sockmap_backlog
 from sluicegate.http.clock import CLOCK
@@ -89,6 +96,9 @@ TCPI_BYTES_ACKED = 120
 TCPI_BYTES_RECEIVED = 128
 TCP_INFO_SIZE = 256
 SIOCOUTQ = termios.TIOCOUTQ
+# What recv fills: one per process, as its directions run one at a time on the event loop;
+# bytes a direction could not send at once are copied out of it (`_forward`).
+_READ_BUFFER = memoryview(bytearray(READ_CHUNK))
 _INT = struct.Struct("i")
 _U64 = struct.Struct("<Q")
 
@@ -133,7 +143,8 @@ def connection_class_for(copy: str) -> tuple[str, type[StreamConnection]]:
 
         reason = sockmap.available()
         if reason is None:
-            log.info("stream copy: sockmap (TCP pairs joined in the kernel)")
+            log.info("stream copy: sockmap (TCP pairs joined in the kernel; up to %d KiB per "
+                     "direction wait there for a slower receiver)", sockmap.backlog() >> 10)
             return "sockmap", SockmapConnection
         fallback = "splice" if splice_available() else "userspace"
         log.warning("stream copy: sockmap unavailable (%s): using %s", reason, fallback)
@@ -170,7 +181,7 @@ class _KernelDirection:
         self.user_moved = 0
         self.redirected = 0  # the program's count, refreshed when needed
         self.resume_at = -1  # what we last told the program (-1: never)
-        self.pending = b""
+        self.pending: bytes | memoryview = b""  # a view of _READ_BUFFER only until _forward
         self.eof = False
         self.done = False
         self.reading = False
@@ -215,21 +226,18 @@ class _KernelDirection:
     def _drain_and_resume(self) -> None:
         maps = self._splice()
         for _ in range(RESUME_ROUNDS):
-            passed_before = maps.counts(self.src_cookie)[1] if self.kernel else 0
-            got_data = False
             while True:
                 try:
-                    data = self.src.recv(READ_CHUNK)
+                    size = self.src.recv_into(_READ_BUFFER)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
                     self.connection.fail(exc)
                     return
-                if not data:
+                if not size:
                     self.eof = True
                     break
-                got_data = True
-                self.pending = data
+                self.pending = _READ_BUFFER[:size]
                 self.connection.last_activity = CLOCK.now
                 if not self._forward():
                     return  # waiting for the kernel queue or for dst to take more
@@ -239,18 +247,23 @@ class _KernelDirection:
                 return
             if not self.kernel:
                 return
-            # Resume only once every byte passed up to `passed_before` was read here: a
-            # passed byte can still wait on the psock's backlog, not yet readable. (All
-            # bytes read here were passed: the kick at the start handed the bytes queued
-            # before the insert to the program, and it sees every later one.)
-            if self.user_moved < passed_before:
-                return  # they become readable when they arrive: this runs again
-            if got_data or self.resume_at != passed_before:
+            # The `passed` count read now, with the socket drained: if every byte it counts
+            # was read (and forwarded) here, redirecting from it on keeps the order, and a
+            # byte passed between this read and the resume makes the program pass again.
+            # Read before the drain instead, it is stale whenever bytes keep coming, so a
+            # busy direction could resume only when its sender paused (measured: passing
+            # phases of 100+ ms at 1 GB/s, a third of the bytes copied here).
+            passed = maps.counts(self.src_cookie)[1]
+            if self.user_moved < passed:
+                # Counted but not readable yet (still on its way to the psock's queue, or on
+                # its backlog): it becomes readable and this runs again.
+                return
+            if self.resume_at != passed:
                 # Every byte of dst not from a redirect is one this direction wrote.
-                maps.resume(self.src_cookie, self.dst_cookie, passed_before,
+                maps.resume(self.src_cookie, self.dst_cookie, passed,
                             self.base + self.user_moved)
-                self.resume_at = passed_before
-            if maps.counts(self.src_cookie)[1] == passed_before:
+                self.resume_at = passed
+            if maps.counts(self.src_cookie)[1] == passed:
                 return  # redirecting in the kernel from the next byte on
             # Bytes were passed meanwhile: forward them, then try again.
 
@@ -270,6 +283,7 @@ class _KernelDirection:
             self.connection.fail(OSError(getattr(exc, "errno", 0) or errno.EIO, str(exc)))
             return False
         if not settled:
+            self.pending = bytes(self.pending)  # out of _READ_BUFFER, which others reuse
             self._wait(self._resume_forwarding)
             return False
         data = self.pending
@@ -282,7 +296,7 @@ class _KernelDirection:
             return False
         self.user_moved += sent
         if sent < len(data):
-            self.pending = data[sent:]
+            self.pending = bytes(data[sent:])  # out of _READ_BUFFER
             self._read_off()
             if not self.writing:
                 self.loop.add_writer(self.dst.fileno(), self._on_writable)
@@ -331,15 +345,15 @@ class _KernelDirection:
             # recv reports the FIN as soon as it came, also while earlier bytes still wait
             # for the program; what it passes from those arrives here after the EOF.
             try:
-                data = self.src.recv(READ_CHUNK)
+                size = self.src.recv_into(_READ_BUFFER)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self.connection.fail(exc)
                 return
-            if not data:
+            if not size:
                 break
-            self.pending = data
+            self.pending = _READ_BUFFER[:size]
             if not self._forward():
                 return  # continues here once forwarded
         try:
@@ -414,6 +428,25 @@ class _KernelDirection:
         self.refresh()
 
 
+@functools.cache
+def sockmap_send_buffer() -> int | None:
+    """The SO_SNDBUF the sockmap path asks for on its sockets: net.core.wmem_max (the most a
+    request without CAP_NET_ADMIN gets; the kernel doubles it), when that is more than TCP's
+    autotuning would grow a send buffer to (tcp_wmem's max); else None, TCP's own.
+
+    Why: the kernel sends a redirected skb from the psock's work queue only while the
+    receiving socket is writable (less than half its send buffer used); otherwise it tries
+    again one jiffy later (4 ms at HZ=250), not when an ACK frees room. So a direction moves
+    about half a send buffer per jiffy when its receiver is fast: measured in the bench's
+    copy rig, 7.2 Gbit/s with the 4 MiB autotuned buffer, 8.7 with 8 MiB (wmem_max 4 MiB),
+    and fewer bytes left to user space by the backpressure (docs/ebpf.md)."""
+    wmem_max = sysctl.read_ints(sysctl.WMEM_MAX)
+    tcp_wmem = sysctl.read_ints(sysctl.TCP_WMEM)
+    if not wmem_max or not tcp_wmem or len(tcp_wmem) < 3:
+        return None
+    return wmem_max[0] if 2 * wmem_max[0] > tcp_wmem[2] else None
+
+
 def _kick(sock: socket.socket) -> None:
     """Make TCP call the socket's data-ready callback now (tcp_set_rcvlowat does), so bytes
     queued before the program was attached are handed to it."""
@@ -476,7 +509,11 @@ class SockmapConnection(SpliceConnection):
         self.down = _KernelDirection(  # type: ignore[assignment]
             self, loop, upstream_sock, client_sock, upstream_cookie, client_cookie,
             src_in_map=upstream_in_map, kernel=upstream_in_map)
+        send_buffer = sockmap_send_buffer() if upstream_in_map else None
         for sock in (client_sock, upstream_sock):
+            if send_buffer:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
             _kick(sock)
         self.up.start()  # type: ignore[union-attr]
         if not self.finished:

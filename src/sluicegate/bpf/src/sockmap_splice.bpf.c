@@ -9,9 +9,10 @@
  *
  * It passes while user space has not caught up yet: `ctl.resume_at != count.passed`. A pair
  * starts passing (resume_at = SG_SM_NO_RESUME); user space forwards what arrived before the
- * sockets were in the map, then sets resume_at to the `passed` count it read before it
- * drained the socket. Any byte passed after that read makes the two differ, so the program
- * keeps passing until user space has forwarded it too: no byte overtakes another.
+ * sockets were in the map, drains the socket, reads `passed` and, if it has read every byte
+ * that counts, sets resume_at to it. Any byte passed after that read makes the two differ,
+ * so the program keeps passing until user space has forwarded it too: no byte overtakes
+ * another.
  *
  * Only a stream_verdict program, no stream_parser. Measured on kernel 6.18: with a parser
  * (strparser), bytes passed to user space advance the socket's copied_seq twice (when
