@@ -81,5 +81,6 @@ def test_table_puts_each_copy_path_against_haproxy_with_the_target(run_dir: Path
     assert "| TPROXY (transparent) | splice | 14.00 | 0.30 | 52 | 2.00x | 0.50x | NOT met |" \
         in text
     assert "| TPROXY (transparent) | sockmap | - | - | - | - | - | not measured |" in text
+    assert "target: a kernel copy path, splice or sockmap," in text
     # haproxy runs the bulk load only: no HTTP row for it
     assert "haproxy (mode tcp, explicit) L7" not in text
