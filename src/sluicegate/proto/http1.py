@@ -91,6 +91,10 @@ def chunk(data: bytes) -> bytes:
 
 LAST_CHUNK = b"0\r\n\r\n"
 
+# How a response body is framed towards the client: as the upstream framed it (its
+# Content-Length), chunked by the gateway, ended by closing the connection, or no body.
+RAW, CHUNKED, UNTIL_CLOSE, NONE = 0, 1, 2, 3
+
 
 def encode_headers(headers: list[tuple[str, str]]) -> bytes:
     return b"".join(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
