@@ -3,12 +3,12 @@ instances, with load balancing, priorities, fallback and cool-down (APISIX's
 ai-proxy-multi option names; fallback and cool-down as LiteLLM's router does them).
 
 For each request an instance is picked within the highest-priority group that has one
-not cooling down, by smooth weighted round robin (the upstream balancer's,
-http/balancer.py). When the call fails in a way listed in `fallback_on` (by default a 429,
-a 5xx, a timeout or a refused connection), the instance cools down for `cooldown` seconds
-(longer when a 429's Retry-After says so) and the next instance is tried, up to
-`max_retries` more. A stream falls back only while the client has not had a byte: the
-first bytes of the provider's answer are read before the answer head goes out.
+not cooling down, by smooth weighted round robin (the upstream balancers', http/balancer/).
+When the call fails in a way listed in `fallback_on` (by default a 429, a 5xx, a timeout
+or a refused connection), the instance cools down for `cooldown` seconds (longer when a
+429's Retry-After says so) and the next instance is tried, up to `max_retries` more. A
+stream falls back only while the client has not had a byte: the first bytes of the
+provider's answer are read before the answer head goes out.
 
 The answer carries `X-AI-Instance: <name>`, the instance that answered (or the last one
 tried, when all failed). Token accounting names that instance's provider and model; the
