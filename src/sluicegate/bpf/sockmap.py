@@ -42,6 +42,9 @@ _CTL = struct.Struct("<QQQQ")  # peer, resume_at, written_base, backlog_max
 # gateway.stream_proxy.sockmap_backlog sets another.
 DEFAULT_BACKLOG = 16 << 20
 MAX_BACKLOG = 1 << 30  # the most the setting allows (config/model.py)
+# The most `default_backlog` picks, however large tcp_rmem's max: the queue is outside the
+# kernel's TCP memory accounting (tcp_mem), so a large bound is a choice to make in config.
+MAX_DEFAULT_BACKLOG = 64 << 20
 _COUNT = struct.Struct("<QQQII")  # redirected, passed, trimmed, next_seq, flags
 BROKEN = 2  # sg_sm_count.flags: old bytes could not be cut off, the stream has a gap
 SO_COOKIE = 57  # socket.SO_COOKIE is missing from Python 3.11
@@ -158,7 +161,8 @@ def set_backlog(limit: int | None) -> None:
 
 
 def backlog() -> int:
-    """The bound `set_backlog` gave, else `default_backlog()`."""
+    """The bound `set_backlog` gave, else `default_backlog()` (read once; `set_backlog`
+    again, which each config load does, reads the sysctl anew)."""
     global _backlog
     if _backlog is None:
         _backlog = default_backlog()
@@ -168,18 +172,19 @@ def backlog() -> int:
 def default_backlog(rmem_path: str = sysctl.TCP_RMEM) -> int:
     """The bound when the config sets none: the largest receive buffer TCP may give a socket
     in this network namespace (net.ipv4.tcp_rmem's max), at least DEFAULT_BACKLOG, at most
-    MAX_BACKLOG.
+    MAX_DEFAULT_BACKLOG.
 
     Why the receive buffer: when the bound is reached the program passes, and the sender
     may still fill the window it was given, which the receive buffer sizes; user space
     copies those bytes. So about one window is copied in user space per bound moved in the
     kernel, and a bound below the window leaves a fast sender's bytes mostly to user space
     (measured with tcp_rmem's max at 32 MiB and a 16 MiB bound: a quarter of the bytes).
-    The kernel memory it allows is what the socket's receive buffer could hold anyway."""
+    Why a cap: the queued bytes are not charged to any socket nor to tcp_mem, so up to two
+    bounds per connection are kernel memory no TCP limit sees (docs/ebpf.md, "Memory")."""
     rmem = sysctl.read_ints(rmem_path)
     if not rmem or len(rmem) < 3:
         return DEFAULT_BACKLOG
-    return min(max(DEFAULT_BACKLOG, rmem[2]), MAX_BACKLOG)
+    return min(max(DEFAULT_BACKLOG, rmem[2]), MAX_DEFAULT_BACKLOG)
 
 
 def shared() -> SockmapSplice:

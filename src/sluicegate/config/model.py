@@ -261,7 +261,7 @@ class StreamProxySettings(Strict):
     receiver before the program hands the rest to user space until it caught up (the
     path's backpressure). More costs kernel memory per connection; less costs user-space
     copying. null: the largest TCP receive buffer of the gateway's network namespace
-    (net.ipv4.tcp_rmem's max), at least 16 MiB (docs/ebpf.md)."""
+    (net.ipv4.tcp_rmem's max), at least 16 MiB, at most 64 MiB (docs/ebpf.md)."""
     udp_idle_timeout: float = Field(60.0, gt=0, le=86_400)
     """A UDP flow (session) ends after this many seconds without a datagram."""
 

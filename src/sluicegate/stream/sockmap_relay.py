@@ -19,7 +19,8 @@ How a pair is joined (`SockmapConnection.start_relay`):
 
 Backpressure: the kernel queues a redirected skb on the receiving socket's psock and sends
 it from a work queue, without any bound, so the program bounds it: past the bound
-(`stream_proxy.sockmap_backlog`, 16 MiB by default) of redirected bytes not yet in dst (it
+(`stream_proxy.sockmap_backlog`, by default tcp_rmem's max within 16-64 MiB) of redirected
+bytes not yet in dst (it
 reads dst's TCP counters; `written_base`, given at each resume, tells which of dst's bytes
 came from user space), it passes instead. The direction then runs as during setup: this
 side reads the passed bytes once every redirected byte is in dst, forwards them, and
@@ -61,6 +62,7 @@ import os
 import socket
 import struct
 import termios
+import threading
 from typing import Any
 
 from sluicegate import sysctl
@@ -96,11 +98,19 @@ TCPI_BYTES_ACKED = 120
 TCPI_BYTES_RECEIVED = 128
 TCP_INFO_SIZE = 256
 SIOCOUTQ = termios.TIOCOUTQ
-# What recv fills: one per process, as its directions run one at a time on the event loop;
-# bytes a direction could not send at once are copied out of it (`_forward`).
-_READ_BUFFER = memoryview(bytearray(READ_CHUNK))
+# What recv fills: one per thread (an event loop runs its directions one at a time; the
+# tests run several loops in one process); bytes a direction could not send at once are
+# copied out of it (`_forward`).
+_read_buffers = threading.local()
 _INT = struct.Struct("i")
 _U64 = struct.Struct("<Q")
+
+
+def _read_buffer() -> memoryview:
+    buffer: memoryview | None = getattr(_read_buffers, "view", None)
+    if buffer is None:
+        buffer = _read_buffers.view = memoryview(bytearray(READ_CHUNK))
+    return buffer
 
 
 def _ioctl_int(sock: socket.socket, request: int) -> int:
@@ -181,7 +191,7 @@ class _KernelDirection:
         self.user_moved = 0
         self.redirected = 0  # the program's count, refreshed when needed
         self.resume_at = -1  # what we last told the program (-1: never)
-        self.pending: bytes | memoryview = b""  # a view of _READ_BUFFER only until _forward
+        self.pending: bytes | memoryview = b""  # a view of the read buffer only until _forward
         self.eof = False
         self.done = False
         self.reading = False
@@ -225,10 +235,11 @@ class _KernelDirection:
 
     def _drain_and_resume(self) -> None:
         maps = self._splice()
+        buffer = _read_buffer()
         for _ in range(RESUME_ROUNDS):
             while True:
                 try:
-                    size = self.src.recv_into(_READ_BUFFER)
+                    size = self.src.recv_into(buffer)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
@@ -237,7 +248,7 @@ class _KernelDirection:
                 if not size:
                     self.eof = True
                     break
-                self.pending = _READ_BUFFER[:size]
+                self.pending = buffer[:size]
                 self.connection.last_activity = CLOCK.now
                 if not self._forward():
                     return  # waiting for the kernel queue or for dst to take more
@@ -283,7 +294,7 @@ class _KernelDirection:
             self.connection.fail(OSError(getattr(exc, "errno", 0) or errno.EIO, str(exc)))
             return False
         if not settled:
-            self.pending = bytes(self.pending)  # out of _READ_BUFFER, which others reuse
+            self.pending = bytes(self.pending)  # out of the read buffer, which others reuse
             self._wait(self._resume_forwarding)
             return False
         data = self.pending
@@ -296,7 +307,7 @@ class _KernelDirection:
             return False
         self.user_moved += sent
         if sent < len(data):
-            self.pending = bytes(data[sent:])  # out of _READ_BUFFER
+            self.pending = bytes(data[sent:])  # out of the read buffer
             self._read_off()
             if not self.writing:
                 self.loop.add_writer(self.dst.fileno(), self._on_writable)
@@ -341,11 +352,12 @@ class _KernelDirection:
     def _end_when_settled(self) -> None:
         if self.pending and not self._forward():
             return
+        buffer = _read_buffer()
         while self.src_in_map:
             # recv reports the FIN as soon as it came, also while earlier bytes still wait
             # for the program; what it passes from those arrives here after the EOF.
             try:
-                size = self.src.recv_into(_READ_BUFFER)
+                size = self.src.recv_into(buffer)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -353,7 +365,7 @@ class _KernelDirection:
                 return
             if not size:
                 break
-            self.pending = _READ_BUFFER[:size]
+            self.pending = buffer[:size]
             if not self._forward():
                 return  # continues here once forwarded
         try:
@@ -439,7 +451,9 @@ def sockmap_send_buffer() -> int | None:
     again one jiffy later (4 ms at HZ=250), not when an ACK frees room. So a direction moves
     about half a send buffer per jiffy when its receiver is fast: measured in the bench's
     copy rig, 7.2 Gbit/s with the 4 MiB autotuned buffer, 8.7 with 8 MiB (wmem_max 4 MiB),
-    and fewer bytes left to user space by the backpressure (docs/ebpf.md)."""
+    and fewer bytes left to user space by the backpressure (docs/ebpf.md). Read once per
+    process; None also where the namespace has no such sysctls (kernels before they were
+    per namespace)."""
     wmem_max = sysctl.read_ints(sysctl.WMEM_MAX)
     tcp_wmem = sysctl.read_ints(sysctl.TCP_WMEM)
     if not wmem_max or not tcp_wmem or len(tcp_wmem) < 3:
