@@ -460,8 +460,9 @@ def test_joined_sockets_send_from_the_largest_buffer_allowed(start_relay, upstre
 
 def test_two_relays_of_one_process_copying_at_once_keep_their_bytes_apart(
         start_relay, upstreams, small_backlog):
-    # The bytes a direction copies in user space pass through a read buffer; two event
-    # loops in one process (as these tests run them) each need their own.
+    # Two event loops in one process (as these tests run them), both copying passed bytes
+    # in user space at once (a 256 KiB bound): each stream keeps its own bytes. A read
+    # buffer shared by the process, tried at stop 13, mixed them.
     total = 48 * MIB
     outcomes: list[Any] = []
 

@@ -20,19 +20,19 @@ How a pair is joined (`SockmapConnection.start_relay`):
 Backpressure: the kernel queues a redirected skb on the receiving socket's psock and sends
 it from a work queue, without any bound, so the program bounds it: past the bound
 (`stream_proxy.sockmap_backlog`, by default tcp_rmem's max within 16-64 MiB) of redirected
-bytes not yet in dst (it
-reads dst's TCP counters; `written_base`, given at each resume, tells which of dst's bytes
-came from user space), it passes instead. The direction then runs as during setup: this
-side reads the passed bytes once every redirected byte is in dst, forwards them, and
-resumes; bytes passed but not yet read are charged to src's receive buffer, whose window
-closes, so the sender waits. Measured: iperf3 over veths, whose client had run 1.5 GB ahead
-of its server in 4 s, now stays within a few MiB of it (tests/stream/test_sockmap.py), and
-the relay moves about twice as much for it (6.4 instead of 3.4 Gbit/s in the bench's core
-rig), as the client no longer spends the shared core on bytes that only queue up. Each such
-pause costs about one receive window of user-space copying (what the sender may still send
-once the program passes), so the bound defaults to the largest receive buffer
-(`bpf.sockmap.default_backlog`), and both sockets ask for a large send buffer, which sets
-how fast the kernel empties the queue at all (`sockmap_send_buffer`).
+bytes not yet in dst (it reads dst's TCP counters; `written_base`, given at each resume,
+tells which of dst's bytes came from user space), it passes instead. The direction then runs
+as during setup: this side reads the passed bytes once every redirected byte is in dst,
+forwards them, and resumes; bytes passed but not yet read are charged to src's receive
+buffer, whose window closes, so the sender waits. Measured: iperf3 over veths, whose client
+had run 1.5 GB ahead of its server in 4 s, now stays within a few MiB of it
+(tests/stream/test_sockmap.py), and the relay moves about twice as much for it (6.4 instead
+of 3.4 Gbit/s in the bench's core rig), as the client no longer spends the shared core on
+bytes that only queue up. Each such pause costs about one receive window of user-space
+copying (what the sender may still send once the program passes), so the bound defaults to
+the largest receive buffer (`bpf.sockmap.default_backlog`), and both sockets ask for a large
+send buffer, which sets how fast the kernel empties the queue at all
+(`sockmap_send_buffer`).
 
 End of stream: each socket stays registered with the event loop for readability. With the
 program attached, `recv` returns only passed bytes, b"" at the peer's FIN and ECONNRESET
@@ -62,7 +62,6 @@ import os
 import socket
 import struct
 import termios
-import threading
 from typing import Any
 
 from sluicegate import sysctl
@@ -98,19 +97,8 @@ TCPI_BYTES_ACKED = 120
 TCPI_BYTES_RECEIVED = 128
 TCP_INFO_SIZE = 256
 SIOCOUTQ = termios.TIOCOUTQ
-# What recv fills: one per thread (an event loop runs its directions one at a time; the
-# tests run several loops in one process); bytes a direction could not send at once are
-# copied out of it (`_forward`).
-_read_buffers = threading.local()
 _INT = struct.Struct("i")
 _U64 = struct.Struct("<Q")
-
-
-def _read_buffer() -> memoryview:
-    buffer: memoryview | None = getattr(_read_buffers, "view", None)
-    if buffer is None:
-        buffer = _read_buffers.view = memoryview(bytearray(READ_CHUNK))
-    return buffer
 
 
 def _ioctl_int(sock: socket.socket, request: int) -> int:
@@ -191,7 +179,7 @@ class _KernelDirection:
         self.user_moved = 0
         self.redirected = 0  # the program's count, refreshed when needed
         self.resume_at = -1  # what we last told the program (-1: never)
-        self.pending: bytes | memoryview = b""  # a view of the read buffer only until _forward
+        self.pending = b""
         self.eof = False
         self.done = False
         self.reading = False
@@ -235,20 +223,19 @@ class _KernelDirection:
 
     def _drain_and_resume(self) -> None:
         maps = self._splice()
-        buffer = _read_buffer()
         for _ in range(RESUME_ROUNDS):
             while True:
                 try:
-                    size = self.src.recv_into(buffer)
+                    data = self.src.recv(READ_CHUNK)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
                     self.connection.fail(exc)
                     return
-                if not size:
+                if not data:
                     self.eof = True
                     break
-                self.pending = buffer[:size]
+                self.pending = data
                 self.connection.last_activity = CLOCK.now
                 if not self._forward():
                     return  # waiting for the kernel queue or for dst to take more
@@ -294,7 +281,6 @@ class _KernelDirection:
             self.connection.fail(OSError(getattr(exc, "errno", 0) or errno.EIO, str(exc)))
             return False
         if not settled:
-            self.pending = bytes(self.pending)  # out of the read buffer, which others reuse
             self._wait(self._resume_forwarding)
             return False
         data = self.pending
@@ -307,7 +293,7 @@ class _KernelDirection:
             return False
         self.user_moved += sent
         if sent < len(data):
-            self.pending = bytes(data[sent:])  # out of the read buffer
+            self.pending = data[sent:]
             self._read_off()
             if not self.writing:
                 self.loop.add_writer(self.dst.fileno(), self._on_writable)
@@ -352,20 +338,19 @@ class _KernelDirection:
     def _end_when_settled(self) -> None:
         if self.pending and not self._forward():
             return
-        buffer = _read_buffer()
         while self.src_in_map:
             # recv reports the FIN as soon as it came, also while earlier bytes still wait
             # for the program; what it passes from those arrives here after the EOF.
             try:
-                size = self.src.recv_into(buffer)
+                data = self.src.recv(READ_CHUNK)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self.connection.fail(exc)
                 return
-            if not size:
+            if not data:
                 break
-            self.pending = buffer[:size]
+            self.pending = data
             if not self._forward():
                 return  # continues here once forwarded
         try:
