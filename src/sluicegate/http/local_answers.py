@@ -13,9 +13,7 @@ from typing import Any
 from sluicegate.plugins.base import LocalHandler, Response
 from sluicegate.proto.http1 import (
     CHUNKED,
-    LAST_CHUNK,
     UNTIL_CLOSE,
-    chunk,
     encode_headers,
     error_body,
     status_line,
@@ -99,13 +97,7 @@ class LocalAnswers:
     def end_body(self) -> None:
         if self.finished:
             return
-        if self.body_filtered:
-            tail = self.filter_body(b"", True)
-            if tail:
-                self.ctx.bytes_sent += len(tail)
-                self.client.out.append(chunk(tail) if self.mode == CHUNKED else tail)
-        if self.mode == CHUNKED:
-            self.client.out.append(LAST_CHUNK)
+        self.end_framing()
         self.client.flush()
         self.finish()
 

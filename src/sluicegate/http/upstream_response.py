@@ -156,6 +156,14 @@ class UpstreamResponse:
             return
         if self.upgrading:
             return  # the parser reports the upgrade next
+        self.end_framing()
+        self.release_upstream(keep_alive and self.request_complete)
+        self.client.flush()
+        self.finish()
+
+    def end_framing(self) -> None:
+        """What ends the body towards the client: the body filters' last words, and the last
+        chunk when the gateway chunks it (an upstream's body, or a local handler's)."""
         if self.body_filtered:
             tail = self.filter_body(b"", True)
             if tail:
@@ -163,9 +171,6 @@ class UpstreamResponse:
                 self.client.out.append(chunk(tail) if self.mode == CHUNKED else tail)
         if self.mode == CHUNKED:
             self.client.out.append(LAST_CHUNK)
-        self.release_upstream(keep_alive and self.request_complete)
-        self.client.flush()
-        self.finish()
 
     def release_upstream(self, reusable: bool) -> None:
         connection = self.upstream
